@@ -1,0 +1,206 @@
+"""Per-example gradients: ``vmap(grad(fn))`` over a functional call of the model, chunked.
+
+For a batch of B examples and a scalar-per-example function ``fn(model, *inputs) -> Tensor[B]``,
+row b of the result for parameter theta is d fn(model, *inputs[b:b+1])[0] / d theta.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .params import ParamSpec, select_param_names
+
+OutputFn = Callable[..., torch.Tensor]
+
+
+class _Call(nn.Module):
+    """``fn(model, *inputs)`` as a module, so that ``functional_call`` can swap the parameters."""
+
+    def __init__(self, model: nn.Module, fn: OutputFn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
+
+
+def batch_size_of(inputs: tuple, *, arg: str = "inputs") -> int:
+    """The common leading dimension of every tensor in ``inputs`` (a pytree)."""
+    leaves = [x for x in tree_flatten(inputs)[0] if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise ValueError(f"{arg}: no tensor found; expected batched tensors (or dicts of them).")
+    sizes = {tuple(x.shape[:1]) for x in leaves}
+    if any(x.dim() == 0 for x in leaves) or len(sizes) != 1:
+        shapes = [tuple(x.shape) for x in leaves]
+        raise ValueError(
+            f"{arg}: every tensor must share the batch (first) dimension; got shapes {shapes}."
+        )
+    return leaves[0].shape[0]
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _check_chunk_size(chunk_size: Optional[int]) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive int or None; got {chunk_size!r}.")
+
+
+def _check_eval_norms(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"model: module {name!r} ({type(module).__name__}) is in training mode, which couples "
+                "the examples of a batch; call model.eval() before taking per-example gradients."
+            )
+
+
+def _slice(inputs: tuple, start: int, stop: int) -> tuple:
+    return tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, inputs)
+
+
+def _scalar(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            "fn: must return one scalar per example, a Tensor of shape [B]; for one example it "
+            f"returned {shape} (shape [1] expected)."
+        )
+    return out.reshape(())
+
+
+def _culprit(call: _Call, inputs: tuple, run: Callable[[], Any]) -> str:
+    """Module path that was running when ``run()`` raised, found with forward hooks."""
+    stack: list[str] = []
+    names = {id(m): n for n, m in call.model.named_modules()}
+
+    def pre(module, args):
+        stack.append(names.get(id(module), "?") or "<model>")
+
+    def post(module, args, out):
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in call.model.modules()]
+    handles += [m.register_forward_hook(post) for m in call.model.modules()]
+    try:
+        run()
+    except Exception:
+        return stack[-1] if stack else "fn (outside any module)"
+    finally:
+        for h in handles:
+            h.remove()
+    return "unknown"
+
+
+class VmapUnsupportedError(RuntimeError):
+    """The model cannot run under ``torch.func.vmap``; the message names the module."""
+
+
+def iter_per_example_grads(
+    model: nn.Module,
+    fn: OutputFn,
+    inputs: Any,
+    *,
+    params: ParamSpec = None,
+    chunk_size: Optional[int] = None,
+    fallback: str = "loop",
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield ``(start, grads)`` for consecutive chunks of the batch; see :func:`per_example_grads`."""
+    if fallback not in ("loop", "error"):
+        raise ValueError(f"fallback: expected 'loop' or 'error'; got {fallback!r}.")
+    _check_chunk_size(chunk_size)
+    inputs = _as_tuple(inputs)
+    n = batch_size_of(inputs)
+    names = select_param_names(model, params)
+    _check_eval_norms(model)
+    call = _Call(model, fn)
+    selected = {name: p.detach() for name, p in model.named_parameters() if name in set(names)}
+    frozen = {f"model.{name}": p.detach() for name, p in model.named_parameters() if name not in selected}
+    frozen.update({f"model.{name}": b for name, b in model.named_buffers()})
+
+    def one(sel, example):
+        batched = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, example)
+        state = {**frozen, **{f"model.{k}": v for k, v in sel.items()}}
+        return _scalar(functional_call(call, state, batched))
+
+    in_dims = tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, inputs)
+    batched_grad = vmap(grad(one), in_dims=(None, in_dims))
+    step = chunk_size or n
+    use_loop = False
+    for start in range(0, n, step):
+        chunk = _slice(inputs, start, min(start + step, n))
+        if not use_loop:
+            try:
+                yield start, batched_grad(selected, chunk)
+                continue
+            except ValueError:
+                raise
+            except Exception as err:  # vmap cannot run this model
+                where = _culprit(call, inputs, lambda: batched_grad(selected, _slice(inputs, 0, 1)))
+                message = (
+                    f"torch.func.vmap cannot run module {where!r} of the model "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                )
+                if fallback == "error":
+                    raise VmapUnsupportedError(message) from err
+                warnings.warn(message + "; falling back to a loop of single-example gradients.")
+                use_loop = True
+        yield start, _loop_grads(model, fn, chunk, names)
+
+
+def _loop_grads(model: nn.Module, fn: OutputFn, inputs: tuple, names: list[str]) -> dict[str, torch.Tensor]:
+    """The reference: one ``torch.autograd.grad`` call per example."""
+    table = dict(model.named_parameters())
+    wrt = [table[name] for name in names]
+    rows: list[tuple[torch.Tensor, ...]] = []
+    for b in range(batch_size_of(inputs)):
+        with torch.enable_grad():
+            out = _scalar(fn(model, *_slice(inputs, b, b + 1)))
+            rows.append(torch.autograd.grad(out, wrt, allow_unused=True))
+    return {
+        name: torch.stack([r[i] if r[i] is not None else torch.zeros_like(wrt[i]) for r in rows])
+        for i, name in enumerate(names)
+    }
+
+
+def per_example_grads(
+    model: nn.Module,
+    fn: OutputFn,
+    inputs: Any,
+    *,
+    params: ParamSpec = None,
+    chunk_size: Optional[int] = None,
+    fallback: str = "loop",
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]``.
+
+    Returns ``{name: Tensor[B, *param.shape]}`` with row b = d fn(...)[b] / d param, for the
+    parameters selected by ``params`` (names, module paths or modules; default all trainable),
+    and only those are differentiated. Computed as ``vmap(grad(.))`` over a functional call,
+    ``chunk_size`` examples at a time. Buffers are used as they are (BatchNorm must be in eval
+    mode). Inputs may be tensors or dicts of tensors batched on dim 0. When vmap cannot run the
+    model, a warning names the module and a loop of single-example gradients gives the same
+    numbers (``fallback="error"`` raises instead).
+
+    Example::
+
+        >>> fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
+        >>> grads = per_example_grads(model, fn, (x, y), params=[model.fc], chunk_size=32)
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    for _, chunk in iter_per_example_grads(
+        model, fn, inputs, params=params, chunk_size=chunk_size, fallback=fallback
+    ):
+        for name, g in chunk.items():
+            parts.setdefault(name, []).append(g)
+    return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}

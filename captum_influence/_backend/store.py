@@ -1,0 +1,119 @@
+"""On-disk feature store: memory-mapped arrays, their settings, and per-batch progress.
+
+A store directory holds ``metadata.json`` (the settings that produced it), ``NAME.npy`` arrays
+(numpy memmaps) and ``NAME.done.npy`` flags, one per batch, set only after the batch's rows are
+flushed. A killed job rerun with the same settings skips finished batches; a store written with
+other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def _normalise(metadata: dict) -> dict:
+    return json.loads(json.dumps(metadata, sort_keys=True, default=str))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """A directory of arrays tied to the settings in ``metadata``."""
+
+    def __init__(self, path: Union[str, os.PathLike], metadata: dict):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"store_dir: cannot create {str(self.path)!r}: {err}.") from err
+        self.metadata = _normalise(metadata)
+        meta_file = self.path / "metadata.json"
+        if meta_file.exists():
+            stored = json.loads(meta_file.read_text())
+            differing = sorted(k for k in set(stored) | set(self.metadata) if stored.get(k) != self.metadata.get(k))
+            if differing:
+                details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {self.metadata.get(k)!r}" for k in differing)
+                raise ValueError(
+                    f"store_dir: {str(self.path)!r} was written with other settings ({details}). "
+                    "Use another store_dir or delete this one."
+                )
+        else:
+            _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(self.metadata, indent=1, sort_keys=True)))
+
+    def array(self, name: str, shape: tuple, dtype=np.float32) -> np.memmap:
+        """The array ``name`` of ``shape``, created zero-filled or reopened for update."""
+        file = self.path / f"{name}.npy"
+        if file.exists():
+            arr = np.load(file, mmap_mode="r+")
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise ValueError(
+                    f"store_dir: array {name!r} has shape {arr.shape} {arr.dtype}; expected {tuple(shape)} {np.dtype(dtype)}."
+                )
+            return arr
+        return np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=tuple(shape))
+
+    def flags(self, name: str, count: int) -> np.memmap:
+        """Per-batch completion flags of ``name``."""
+        return self.array(f"{name}.done", (count,), np.uint8)
+
+    def is_complete(self, name: str) -> bool:
+        file = self.path / f"{name}.done.npy"
+        return file.exists() and bool(np.load(file, mmap_mode="r").all())
+
+    def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        _atomic_write(self.path / f"{name}.pt", lambda p: torch.save(tensor.cpu(), p))
+
+    def load_tensor(self, name: str) -> Optional[torch.Tensor]:
+        file = self.path / f"{name}.pt"
+        return torch.load(file, weights_only=True) if file.exists() else None
+
+
+def fill_rows(
+    batches: Iterable[tuple[int, Any]],
+    compute: Callable[[Any], torch.Tensor],
+    *,
+    n_rows: int,
+    dim: int,
+    n_batches: int,
+    store: Optional[FeatureStore] = None,
+    name: str = "features",
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool = False,
+    desc: str = "featurising",
+) -> Union[torch.Tensor, np.memmap]:
+    """Rows ``compute(batch)`` written at each batch's ``start``: a tensor, or with ``store`` a memmap
+    whose finished batches are skipped on a rerun (byte-identical to an uninterrupted run)."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    if store is None:
+        out: Union[torch.Tensor, np.memmap] = torch.empty(n_rows, dim, dtype=dtype)
+        done = None
+    else:
+        out = store.array(name, (n_rows, dim), np_dtype)
+        done = store.flags(name, n_batches)
+    bar = tqdm(total=n_batches, desc=desc, disable=not show_progress, leave=False)
+    for index, (start, batch) in enumerate(batches):
+        if done is not None and done[index]:
+            bar.update()
+            continue
+        rows = compute(batch).detach().to("cpu", dtype)
+        if store is None:
+            out[start : start + rows.shape[0]] = rows
+        else:
+            out[start : start + rows.shape[0]] = rows.numpy()
+            out.flush()
+            done[index] = 1
+            done.flush()
+        bar.update()
+    bar.close()
+    return out

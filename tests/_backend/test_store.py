@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from captum_influence._backend import FeatureStore, Projector, fill_rows, per_example_grads
+import torch.nn.functional as F
+
+
+def _featurise(store, fail_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    data = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(50) % 3
+    proj = Projector(sum(p.numel() for p in model.parameters()), 8, seed=0)
+    calls = []
+
+    def compute(batch):
+        x, y = batch
+        calls.append(len(calls))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt("killed midway")
+        fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
+        return proj.project(per_example_grads(model, fn, (x, y)))
+
+    batches = [(s, (data[s : s + 8], labels[s : s + 8])) for s in range(0, 50, 8)]
+    out = fill_rows(batches, compute, n_rows=50, dim=8, n_batches=len(batches), store=store)
+    return np.array(out), len(calls)
+
+
+def test_interrupted_run_resumes_to_byte_identical_features(tmp_path):
+    meta = {"model": "mlp", "projection_dim": 8, "seed": 0, "n": 50}
+    reference, _ = _featurise(FeatureStore(tmp_path / "whole", meta))
+    with pytest.raises(KeyboardInterrupt):
+        _featurise(FeatureStore(tmp_path / "resumed", meta), fail_at=4)
+    resumed, calls = _featurise(FeatureStore(tmp_path / "resumed", meta))
+    assert calls == 7 - 3  # the three finished batches are not redone
+    assert resumed.tobytes() == reference.tobytes()
+    in_memory, _ = _featurise(None)
+    assert in_memory.tobytes() == reference.tobytes()
+
+
+def test_store_with_other_settings_is_refused(tmp_path):
+    FeatureStore(tmp_path, {"seed": 0, "projection_dim": 8})
+    with pytest.raises(ValueError, match="seed: stored 0, now 1"):
+        FeatureStore(tmp_path, {"seed": 1, "projection_dim": 8})
+    store = FeatureStore(tmp_path, {"seed": 0, "projection_dim": 8})
+    store.array("x", (4, 2))
+    with pytest.raises(ValueError, match="shape"):
+        store.array("x", (4, 3))
