@@ -2,6 +2,7 @@
 damped solves, blockwise scoring and the on-disk feature store."""
 
 from .grads import VmapUnsupportedError, batch_size_of, iter_per_example_grads, per_example_grads
+from .input_grads import input_grads
 from .params import param_shapes, select_param_names
 from .projector import Projector
 from .scoring import iter_score_blocks, scores, topk
@@ -19,6 +20,7 @@ __all__ = [
     "damped_solve",
     "fill_rows",
     "gram",
+    "input_grads",
     "iter_per_example_grads",
     "iter_score_blocks",
     "param_shapes",

@@ -192,3 +192,20 @@ def test_bad_inputs_raise_naming_the_argument():
     bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
     with pytest.raises(ValueError, match="training mode"):
         ci.per_example_grads(bn, lambda m, x, y: m(x).sum(1), (x, y))
+
+
+def test_input_grads_match_single_example_loop_and_chunking():
+    from captum_influence._backend import input_grads
+
+    model = _bn_model()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    fn = lambda x: torch.log_softmax(model(x), 1)[:, 3]
+    (ours,) = input_grads(fn, (x,), chunk_size=4)
+    for b in range(6):
+        xb = x[b : b + 1].clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(fn(xb)[0], xb)
+        assert (ours[b] - ref[0]).abs().max() < 1e-12
+    (graph,) = input_grads(fn, (x,), create_graph=True)
+    assert graph.requires_grad and torch.allclose(graph, ours)
+    with pytest.raises(ValueError, match="fn"):
+        input_grads(lambda x: model(x), (x,))
