@@ -1,0 +1,150 @@
+"""What TRAK and TracIn share: scores that are inner products of a test vector and a train vector.
+
+Every method here reduces to influence(z, z_i) = <q(z), k(z_i)> * w_i, where q and k stack
+per-checkpoint vectors and w_i is an optional per-training-example weight. The base class holds
+the configuration (model, data, checkpoints, device) and turns the two feature maps into full
+score matrices, top-k results and self-influence, all blockwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from captum.influence import DataInfluence
+from captum.influence._utils.common import KMostInfluentialResults
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._backend import FeatureStore, fill_rows, scores, topk
+from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
+from ._data import as_loader, iter_batches, split_batch, to_device
+
+Features = Union[torch.Tensor, np.ndarray]
+
+
+class GradientFeatureInfluence(DataInfluence):
+    """Base of the data-attribution classes: ``influence = Q K^T diag(w)``, computed in blocks.
+
+    Subclasses implement ``_features(batches, n, role)`` returning per-example vectors for the
+    training set (role "train", the keys) or a test set (role "test", the queries), and may set
+    ``_train_weights`` (a Tensor[n_train]) multiplying each training example's column.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc] = None,
+        *,
+        batch_size: int = 64,
+        device: Union[str, torch.device, None] = None,
+        show_progress: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module; got {type(model).__name__}.")
+        if checkpoints_load_func is not None and not callable(checkpoints_load_func):
+            raise TypeError("checkpoints_load_func: expected a callable (model, checkpoint) -> float.")
+        self.model = model
+        self.train_dataset = train_dataset
+        self.batch_size = batch_size
+        self.train_loader = as_loader(train_dataset, batch_size)
+        self.n_train = len(self.train_loader.dataset)  # type: ignore[arg-type]
+        self.checkpoints = resolve_checkpoints(checkpoints)
+        self.checkpoints_load_func = checkpoints_load_func
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.show_progress = show_progress
+        self.store: Optional[FeatureStore] = None
+        self._train_weights: Optional[torch.Tensor] = None
+        self._example_shapes: Optional[list] = None
+
+    # --- checkpoints and data -------------------------------------------------------------
+
+    def _iter_checkpoints(self, desc: str) -> Iterator[tuple[int, float]]:
+        """Load each checkpoint once, in order, yielding ``(index, weight)``."""
+        self.model.to(self.device)
+        for index in tqdm(range(len(self.checkpoints)), desc=desc, disable=not self.show_progress, leave=False):
+            weight = load_checkpoint(self.model, self.checkpoints[index], self.checkpoints_load_func, index)
+            self.model.eval()
+            yield index, weight
+
+    def _test_batches(self, inputs: Any) -> tuple[list[tuple[int, tuple]], int]:
+        """``inputs`` (a batch tuple, a Dataset or a DataLoader) as ``[(start, batch)]`` and its size."""
+        if isinstance(inputs, (Dataset, DataLoader)):
+            loader = as_loader(inputs, self.batch_size, arg="inputs")
+            batches = list(iter_batches(loader))
+        else:
+            split_batch(inputs, arg="inputs")
+            batches = [(0, tuple(inputs))]
+        for _, batch in batches:
+            self._check_shapes(batch)
+        n = sum(len(batch[-1]) for _, batch in batches)
+        return [(s, to_device(b, self.device)) for s, b in batches], n
+
+    def _train_batches(self) -> Iterator[tuple[int, tuple]]:
+        for start, batch in iter_batches(self.train_loader):
+            if self._example_shapes is None:
+                self._check_shapes(batch)
+            yield start, to_device(batch, self.device)
+
+    def _check_shapes(self, batch: tuple) -> None:
+        """Test examples must have the training examples' shapes (all but the batch dimension)."""
+        shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in batch[:-1]]
+        if self._example_shapes is None:
+            self._example_shapes = shapes
+        elif shapes != self._example_shapes:
+            raise ValueError(
+                f"inputs: example shapes {shapes} do not match the training examples' {self._example_shapes}."
+            )
+
+    def _featurise(self, batches, n_rows: int, dim: int, compute: Callable, name: str, n_batches: int, desc: str) -> Features:
+        """Rows of ``compute(batch)`` for every batch; in the store (resumable) when there is one."""
+        return fill_rows(
+            batches, compute, n_rows=n_rows, dim=dim, n_batches=n_batches,
+            store=self.store, name=name, show_progress=self.show_progress, desc=desc,
+        )
+
+    # --- the two feature maps -------------------------------------------------------------
+
+    def _train_features(self) -> Features:  # the keys K, (n_train, d)
+        raise NotImplementedError
+
+    def _test_features(self, inputs: Any) -> torch.Tensor:  # the queries Q, (n_test, d)
+        raise NotImplementedError
+
+    def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
+        """Per-example vectors whose dot products with the training vectors give the scores."""
+        return self._test_features(inputs)
+
+    # --- scores ---------------------------------------------------------------------------
+
+    def _weight_columns(self, block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self._train_weights is None:
+            return block
+        return block * self._train_weights[start:stop].to(block)
+
+    def influence(
+        self, inputs: Any, k: Optional[int] = None, proponents: bool = True
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
+        """Scores (n_test, n_train), positive when the training example helps; with ``k``, the top-k
+        proponents (or opponents) as ``KMostInfluentialResults(indices, influence_scores)``."""
+        queries = self._test_features(inputs).to(self.device)
+        keys = self._train_features()
+        if k is None:
+            return scores(queries, keys, transform=self._weight_columns)
+        values, indices = topk(queries, keys, k, largest=bool(proponents), transform=self._weight_columns)
+        return KMostInfluentialResults(indices, values)
+
+    @staticmethod
+    def _rowwise_scores(queries: torch.Tensor, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192) -> torch.Tensor:
+        """Self-influence style scores <q_i, k_i> * w_i for aligned rows, a block of rows at a time."""
+        out = torch.empty(queries.shape[0], dtype=torch.float32)
+        for start in range(0, queries.shape[0], block_size):
+            stop = min(start + block_size, queries.shape[0])
+            k = keys[start:stop]
+            k = torch.from_numpy(np.ascontiguousarray(k)) if isinstance(k, np.ndarray) else k
+            out[start:stop] = (queries[start:stop].to(torch.float64) * k.to(queries.device, torch.float64)).sum(1).cpu()
+        return out if weights is None else out * weights.to(out)
