@@ -5,7 +5,8 @@ Which training examples made a model say this (TRAK, TracIn) and which input fea
 """
 
 from ._backend import Projector, per_example_grads
+from . import metrics, visualization
 
 __version__ = "0.1.0"
 
-__all__ = ["Projector", "per_example_grads"]
+__all__ = ["Projector", "metrics", "per_example_grads", "visualization"]

@@ -1,0 +1,328 @@
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from captum.attr._utils.visualization import _normalize_attr  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+import captum_influence as ci  # noqa: E402
+from captum_influence import visualization as vis  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_show_and_close(monkeypatch):
+    def show(*args, **kwargs):
+        raise AssertionError("plt.show() must not be called")
+
+    monkeypatch.setattr(plt, "show", show)
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return d.images[:200], d.target[:200]
+
+
+def _render(fig, tmp_path, name="fig"):
+    """Save as PNG and check that it holds a drawing: enough pixels that are not the background."""
+    path = tmp_path / f"{name}.png"
+    fig.savefig(path)
+    assert path.stat().st_size > 0
+    pixels = plt.imread(path)[:, :, :3]
+    drawn = (np.abs(pixels - pixels[0, 0]).sum(axis=2) > 0.05).mean()
+    assert drawn > 0.01, f"{name}: only {drawn:.2%} of the pixels are drawn"
+    plt.close(fig)
+
+
+def _number(text, label):
+    return float(re.search(label + r" = ([-+0-9.e]+)", text).group(1))
+
+
+def test_exported_at_top_level():
+    assert ci.visualization.plot_lds is vis.plot_lds
+
+
+@pytest.mark.parametrize("sign", ["all", "positive", "negative", "absolute_value"])
+@pytest.mark.parametrize("outlier_perc", [0, 2, 20])
+def test_image_heat_map_matches_captum_normalisation(sign, outlier_perc):
+    attr = torch.randn(3, 8, 8)  # channels first, as a torch model gives it
+    fig, ax = vis.plot_attributions(attr, sign=sign, outlier_perc=outlier_perc)
+    expected = _normalize_attr(attr.double().permute(1, 2, 0).sum(2).numpy(), sign, outlier_perc)
+    assert len(ax.images) == 1
+    np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=1e-12)
+    assert ax.images[0].get_clim() == ((-1.0, 1.0) if sign == "all" else (0.0, 1.0))
+
+
+@pytest.mark.parametrize("method", vis.METHODS)
+def test_image_methods_render_with_delta_in_title(method, digits, tmp_path):
+    images, _ = digits
+    attr = torch.randn(1, 1, 8, 8)  # a batch of one, as attribute() returns it
+    signs = ["positive", "absolute_value"] if method in ("masked_image", "alpha_scaling") else vis.SIGNS
+    for sign in signs:
+        fig, ax = vis.plot_attributions(attr, images[0], method=method, sign=sign, title="digit 0", delta=torch.tensor([-3.2e-5]))
+        assert ax.get_title() == "digit 0\ncompleteness delta = -3.20e-05"
+        assert len(ax.images) == (2 if method == "blended_heat_map" else 1)
+        _render(fig, tmp_path, f"{method}_{sign}")
+
+
+def test_masked_and_alpha_images_scale_the_image(digits):
+    image = digits[0][3]
+    attr = np.random.default_rng(0).standard_normal((8, 8))
+    norm = _normalize_attr(attr, "absolute_value", 2)
+    unit = image / image.max()  # digits are 0..16 here: min-max to [0, 1]
+    assert image.min() == 0
+    _, ax = vis.plot_attributions(attr, image, method="masked_image")
+    np.testing.assert_allclose(ax.images[0].get_array(), np.repeat((unit * norm)[:, :, None], 3, axis=2))
+    _, ax = vis.plot_attributions(attr, image, method="alpha_scaling")
+    np.testing.assert_allclose(ax.images[0].get_array()[:, :, 3], norm)
+    np.testing.assert_allclose(ax.images[0].get_array()[:, :, 0], unit)
+
+
+def test_image_draws_into_given_axes_with_colorbar():
+    fig, axes = plt.subplots(1, 2)
+    out_fig, out_ax = vis.plot_attributions(torch.randn(8, 8, 3), ax=axes[1], show_colorbar=True, channels_last=True)
+    assert out_fig is fig and out_ax is axes[1]
+    assert len(fig.axes) == 3  # two given and the colorbar
+
+
+def test_image_bad_input_names_the_argument():
+    attr, image = np.ones((8, 8)), np.ones((8, 8))
+    with pytest.raises(ValueError, match="method"):
+        vis.plot_attributions(attr, image, method="heatmap")
+    with pytest.raises(ValueError, match="sign"):
+        vis.plot_attributions(attr, image, sign="both")
+    with pytest.raises(ValueError, match="sign: 'all'"):
+        vis.plot_attributions(attr, image, method="masked_image", sign="all")
+    with pytest.raises(ValueError, match="inputs: method='blended_heat_map' needs"):
+        vis.plot_attributions(attr, method="blended_heat_map")
+    with pytest.raises(ValueError, match="inputs: image of height and width"):
+        vis.plot_attributions(attr, np.ones((7, 8)), method="blended_heat_map")
+    with pytest.raises(ValueError, match="outlier_perc"):
+        vis.plot_attributions(attr, outlier_perc=100)
+    with pytest.raises(ValueError, match="channels_last"):
+        vis.plot_attributions(np.ones((3, 8, 3)))
+    with pytest.raises(ValueError, match="kind"):
+        vis.plot_attributions(attr, kind="audio")
+    with pytest.raises(ValueError, match="attributions: .*NaN"):
+        vis.plot_attributions(np.full((8, 8), np.nan))
+    with pytest.raises(ValueError, match="delta: expected one"):
+        vis.plot_attributions(attr, delta=[1.0, 2.0])
+
+
+def test_tabular_bars_with_feature_names(tmp_path):
+    values = torch.tensor([[0.5, -1.0, 2.0, -0.25, 0.0]])
+    names = ["age", "income", "height", "weight", "zip"]
+    fig, ax = vis.plot_attributions(values, torch.arange(5.0), feature_names=names, delta=1e-3)
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 5
+    np.testing.assert_allclose([b.get_width() for b in bars], values[0].numpy())
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{n} = {i:.3g}" for i, n in enumerate(names)]
+    assert to_rgb(bars[1].get_facecolor()) == to_rgb(vis._NEGATIVE)
+    assert to_rgb(bars[2].get_facecolor()) == to_rgb(vis._POSITIVE)
+    assert ax.get_title() == "completeness delta = +1.00e-03"
+    _render(fig, tmp_path)
+
+    _, ax = vis.plot_attributions(values, feature_names=names, max_features=2, sign="absolute_value")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["height", "income"]
+    np.testing.assert_allclose([b.get_width() for b in ax.patches], [2.0, 1.0])
+    assert ax.get_xlabel() == "|attribution|"
+
+    with pytest.raises(ValueError, match="feature_names: expected 5"):
+        vis.plot_attributions(values, feature_names=names[:4])
+    with pytest.raises(ValueError, match="inputs: expected one entry per attribution"):
+        vis.plot_attributions(values, torch.ones(4), kind="tabular")
+
+
+def test_text_tokens_highlighted_and_wrapped(tmp_path):
+    tokens = ("this film was not $good$ at all <pad> " * 4).split()
+    attr = torch.linspace(-1, 1, len(tokens))
+    fig, ax = vis.plot_attributions(attr, tokens=tokens, title="review", sign="all", outlier_perc=0)
+    boxes = [t for t in ax.texts if t.get_bbox_patch() is not None]
+    assert [t.get_text() for t in boxes] == tokens  # "$good$" kept literally, not parsed as maths
+    colours = [to_rgb(t.get_bbox_patch().get_facecolor()) for t in boxes]
+    assert colours[0][0] > colours[0][1]  # most negative: red
+    assert colours[-1][1] > colours[-1][0]  # most positive: green
+    lines = {t.get_transform().transform((0, 1))[1] for t in boxes}
+    assert len(lines) > 1  # 32 tokens do not fit on one line of an 8-inch figure
+    assert ax.get_title() == "review"
+    _render(fig, tmp_path)
+    with pytest.raises(ValueError, match="attributions: expected one entry per token"):
+        vis.plot_attributions(attr[:-1], tokens=tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        vis.plot_attributions(attr, kind="text")
+
+
+def test_attributions_to_html():
+    tokens = ["good", "<pad>", "bad", "meh"]
+    page = vis.attributions_to_html(tokens, torch.tensor([2.0, 0.0, -1.0, 0.5]), outlier_perc=0, delta=0.01)
+    assert page.count("<mark") == 4
+    assert "&lt;pad&gt;" in page and "<pad>" not in page
+    assert "completeness delta = +1.00e-02" in page
+    colours = [tuple(map(int, c)) for c in re.findall(r"rgb\((\d+), (\d+), (\d+)\)", page)]
+    assert colours[0][1] > colours[0][0]  # positive: green
+    assert colours[1] == (255, 255, 255)  # zero: white
+    assert colours[2][0] > colours[2][1]  # negative: red
+    assert sum(colours[3]) > sum(colours[0])  # smaller attribution: paler
+    with pytest.raises(ValueError, match="attributions: expected one entry per token"):
+        vis.attributions_to_html(tokens, [1.0, 2.0])
+
+
+def test_influential_images_show_proponents_opponents_and_mislabelled(digits, tmp_path):
+    images, labels = digits
+    scores = torch.randn(len(images))
+    k = 3
+    pro = torch.topk(scores, k).indices.tolist()
+    opp = torch.topk(-scores, k).indices.tolist()
+    mislabeled = np.zeros(len(images), dtype=bool)
+    mislabeled[pro[1]] = True
+    fig, axes = vis.plot_influential(
+        torch.tensor(images[0]), images, scores, k=k, labels=labels, mislabeled=mislabeled, test_label=labels[0]
+    )
+    assert axes.shape == (2, k + 1)
+    assert sum(len(ax.images) for ax in axes.ravel()) == 1 + 2 * k
+    assert axes[0, 0].get_title() == f"test\nlabel {labels[0]}"
+    for row, chosen, kind in ((0, pro, "proponent"), (1, opp, "opponent")):
+        for j, i in enumerate(chosen):
+            title = axes[row, 1 + j].get_title()
+            assert title.startswith(f"{kind} {j + 1}: #{i}\nscore {scores[i].item():+.3g}\nlabel {labels[i]}")
+    assert axes[0, 2].get_title().endswith("mislabelled")
+    assert to_rgb(axes[0, 2].title.get_color()) == to_rgb(vis._MISLABELED)
+    assert sum(ax.get_title().endswith("mislabelled") for ax in axes.ravel()) == 1
+    _render(fig, tmp_path)
+
+
+def test_influential_from_top_k_results_and_a_dataset(digits):
+    images, labels = digits
+    data = TensorDataset(torch.tensor(images), torch.tensor(labels))
+    # the rows of influence(k=2, proponents=True) and (proponents=False), concatenated
+    indices = torch.tensor([17, 4, 90, 33])
+    scores = torch.tensor([5.0, 3.0, -4.0, -1.0])
+    _, axes = vis.plot_influential(images[0], data, scores, indices, k=2)
+    titles = [axes[r, c].get_title().split("\n") for r in (0, 1) for c in (1, 2)]
+    assert [t[0] for t in titles] == ["proponent 1: #17", "proponent 2: #4", "opponent 1: #90", "opponent 2: #33"]
+    assert [t[2] for t in titles] == [f"label {labels[i]}" for i in (17, 4, 90, 33)]  # from the dataset
+
+
+def test_influential_tabular_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    train, scores = rng.standard_normal((30, 4)), rng.standard_normal(30)
+    mislabeled = np.zeros(30, dtype=bool)
+    mislabeled[np.argmin(scores)] = True
+    fig, ax = vis.plot_influential(train[0], train, scores, k=2, labels=np.arange(30) % 3, mislabeled=mislabeled, feature_names=list("abcd"))
+    cells = ax.tables[0].get_celld()
+    n_rows = 1 + max(r for r, _ in cells)
+    assert n_rows == 1 + 1 + 2 * 2  # header, test, 2 proponents, 2 opponents
+    assert [cells[0, c].get_text().get_text() for c in range(7)] == ["example", "a", "b", "c", "d", "label", "score"]
+    order = list(np.argsort(-scores)[:2]) + list(np.argsort(scores)[:2])
+    assert [float(cells[r, 6].get_text().get_text()) for r in range(2, 6)] == pytest.approx(scores[order], rel=1e-2)
+    assert cells[4, 0].get_text().get_text() == f"opponent 1: #{order[2]} (mislabelled)"
+    _render(fig, tmp_path)
+
+
+def test_influential_bad_input_names_the_argument(digits):
+    images, labels = digits
+    scores = np.zeros(len(images))
+    with pytest.raises(ValueError, match="k: expected an int in"):
+        vis.plot_influential(images[0], images, scores, k=101)
+    with pytest.raises(ValueError, match="scores: expected one entry per training example"):
+        vis.plot_influential(images[0], images, scores[:-1])
+    with pytest.raises(ValueError, match="indices: expected values in"):
+        vis.plot_influential(images[0], images, [1.0, 2.0], [0, 500], k=1)
+    with pytest.raises(ValueError, match="labels"):
+        vis.plot_influential(images[0], images, scores, labels=labels[:5])
+    with pytest.raises(ValueError, match="mislabeled"):
+        vis.plot_influential(images[0], images, scores, mislabeled=np.zeros(5, dtype=bool))
+
+
+def test_self_influence_histogram_and_detection_curve(tmp_path):
+    rng = np.random.default_rng(0)
+    mis = np.zeros(400, dtype=bool)
+    mis[rng.choice(400, 20, replace=False)] = True
+    si = rng.standard_normal(400) + 2.0 * mis
+    fig, (hist_ax, curve_ax) = vis.plot_self_influence(torch.tensor(si), torch.tensor(mis), flag_fraction=0.05)
+    clean_bars, mis_bars = hist_ax.containers
+    assert sum(b.get_height() for b in clean_bars) == 380
+    assert sum(b.get_height() for b in mis_bars) == 20
+    flagged = np.argsort(-si)[:20]
+    assert f"{mis[flagged].sum()} of the 20 flagged are mislabelled (20 in all)" in hist_ax.get_title()
+    curve = curve_ax.lines[0]
+    found = np.r_[0, np.cumsum(mis[np.argsort(-si)])] / 20
+    np.testing.assert_allclose(curve.get_ydata(), found)
+    np.testing.assert_allclose(curve.get_xdata(), np.arange(401) / 400)
+    auc = float(re.search(r"AUC ([0-9.]+)", curve.get_label()).group(1))
+    assert auc == pytest.approx(roc_auc_score(mis, si), abs=5e-4)
+    assert curve_ax.get_xlabel() == "fraction of training set inspected"
+    _render(fig, tmp_path)
+
+    fig, ax = vis.plot_self_influence(si, flag_fraction=0.1)
+    assert sum(b.get_height() for b in ax.containers[0]) == 400
+    assert ax.get_legend_handles_labels()[1][1].startswith("top 40 flagged")
+    _render(fig, tmp_path, "plain")
+
+
+def test_self_influence_bad_input():
+    si = np.arange(10.0)
+    with pytest.raises(ValueError, match="is_mislabeled: expected one entry"):
+        vis.plot_self_influence(si, np.zeros(9, dtype=bool))
+    with pytest.raises(ValueError, match="flag_fraction"):
+        vis.plot_self_influence(si, flag_fraction=0)
+    with pytest.raises(ValueError, match="ax: expected 2"):
+        _, ax = plt.subplots()
+        vis.plot_self_influence(si, np.arange(10) < 2, ax=ax)
+
+
+def test_completeness_lines_on_log_scales(tmp_path):
+    n_steps = [4, 8, 16, 32]
+    deltas = torch.tensor([[1e-2, -3e-3, 2e-4], [2.5e-3, 1e-3, 0.0], [6e-4, -2e-4, 1e-5], [1.6e-4, 5e-5, 0.0]])
+    fig, ax = vis.plot_completeness(n_steps, deltas, labels=["a", "b", "c"], tolerance=1e-4)
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+    example_lines = [line for line in ax.lines if line.get_label() in ("a", "b", "c")]
+    assert len(example_lines) == 3
+    floor = 1e-5 / 10
+    np.testing.assert_allclose(example_lines[0].get_ydata(), deltas[:, 0].abs().numpy())
+    np.testing.assert_allclose(example_lines[2].get_ydata(), [2e-4, floor, 1e-5, floor])
+    assert len(ax.collections[0].get_offsets()) == 2  # the two exact zeros, marked
+    assert ax.get_xlabel() == "n_steps" and ax.get_ylabel() == "|delta|"
+    _render(fig, tmp_path)
+    _, ax = vis.plot_completeness(n_steps, deltas[:, 0])
+    assert len(ax.lines) == 1
+    with pytest.raises(ValueError, match="deltas: expected shape"):
+        vis.plot_completeness(n_steps, deltas.T)
+    with pytest.raises(ValueError, match="n_steps: expected positive integers"):
+        vis.plot_completeness([4, 8.5, 16, 32], deltas)
+    with pytest.raises(ValueError, match="labels: expected 3"):
+        vis.plot_completeness(n_steps, deltas, labels=["a"])
+
+
+def test_lds_scatter_with_spearman_in_title(tmp_path):
+    rng = np.random.default_rng(0)
+    predicted = rng.standard_normal(50)
+    actual = predicted + rng.standard_normal(50)
+    fig, ax = vis.plot_lds(torch.tensor(predicted), actual, title="test example 3")
+    rho = _number(ax.get_title(), "Spearman ρ")
+    assert rho == pytest.approx(round(spearmanr(predicted, actual).statistic, 3), abs=1e-9)
+    assert ax.get_title().startswith("test example 3\n")
+    assert len(ax.collections[0].get_offsets()) == 50
+    _render(fig, tmp_path)
+
+    fig, axes = plt.subplots(1, 2)
+    out_fig, out_ax = vis.plot_lds(predicted, np.full(50, 2.0), ax=axes[0])
+    assert out_fig is fig and out_ax is axes[0]
+    assert out_ax.get_title() == "Spearman ρ undefined (actual constant)"
+    with pytest.raises(ValueError, match="actual: expected one entry per predicted output"):
+        vis.plot_lds(predicted, actual[:-1])
+    with pytest.raises(ValueError, match="predicted: expected a 1-D"):
+        vis.plot_lds(predicted.reshape(5, 10), actual)
