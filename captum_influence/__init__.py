@@ -5,8 +5,25 @@ Which training examples made a model say this (TRAK, TracIn) and which input fea
 """
 
 from ._backend import Projector, per_example_grads
-from . import metrics, visualization
+from . import metrics, tasks, visualization
+from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
+from .output_selection import find_output_nonlinearities, select_output
+from .rrr import RRRLoss
+from .tracin import TracInCP, TracInCPFast
 
 __version__ = "0.1.0"
 
-__all__ = ["Projector", "metrics", "per_example_grads", "visualization"]
+__all__ = [
+    "IntegratedGradients",
+    "LayerIntegratedGradients",
+    "Projector",
+    "RRRLoss",
+    "TracInCP",
+    "TracInCPFast",
+    "find_output_nonlinearities",
+    "metrics",
+    "per_example_grads",
+    "select_output",
+    "tasks",
+    "visualization",
+]

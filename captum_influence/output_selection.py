@@ -3,7 +3,7 @@
 A model may end in logits g, in ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid`` modules, or in a
 softmax called as a function inside ``forward`` (``F.softmax``, ``torch.softmax``,
 ``Tensor.softmax``, often after the stabilising ``z - z.max(dim, keepdim=True)[0]``). Module hooks
-see only the first kind of nonlinearity; a ``torch.overrides.TorchFunctionMode`` sees every call.
+see only the modules; a ``torch.overrides.TorchFunctionMode`` sees every call.
 One forward pass under both records each softmax, log_softmax and sigmoid with its input, and the
 logits are the input of the call whose result ``forward`` returns (before the max subtraction,
 when there is one). From the logits every space is computed:
@@ -48,6 +48,7 @@ _SAME_SHAPE = frozenset({"clone", "detach", "contiguous", "to", "float", "double
 _ALIASES = {"special_softmax": "softmax", "special_log_softmax": "log_softmax", "special_expit": "sigmoid",
             "expit": "sigmoid", "subtract": "sub", "__sub__": "sub"}
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class _Call:
 
 
 def _caller_line() -> str:
-    """``file:line`` of the innermost frame outside torch and this module: the model's own code."""
+    """``file:line`` of the innermost frame outside torch and this package: the model's own code."""
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_TORCH_DIR) and filename != __file__:
+        if not filename.startswith((_TORCH_DIR, _PACKAGE_DIR)):
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
@@ -176,7 +177,7 @@ class _Tracer(TorchFunctionMode):
             entry = self.maxes.get(id(args[1]))
             if entry is not None and entry[0] is args[1] and entry[1] is first:
                 self.shifted[id(result)] = (result, first, entry[2])
-        if name in _NONLINEAR or self.modules:
+        if name in _NONLINEAR:
             self._record(name, index, first, args, kwargs, result)
 
     def _follow_view(self, func, name, source, args, kwargs, result) -> None:
@@ -192,7 +193,7 @@ class _Tracer(TorchFunctionMode):
 
     def _record(self, name, index, first, args, kwargs, result) -> None:
         module = self.modules[-1] if self.modules else None
-        if module is not None and (module[2] is not None or name not in _NONLINEAR):
+        if module is not None and module[2] is not None:
             return  # one record per activation module call: its first nonlinearity
         if not isinstance(result, (torch.Tensor, tuple)):
             return
@@ -220,7 +221,7 @@ class _Tracer(TorchFunctionMode):
             call = _Call(type(module).__name__.lower(), self.index, args[0] if args else None, result,
                          None, module, entry[1], None)
             self.calls.append(call)
-        elif isinstance(result, torch.Tensor) and call.name in _ACTIVATIONS and id(result) not in self.derived:
+        elif call.name in _ACTIVATIONS and self.derived.get(id(result), (None,))[0] is not result:
             self.derived[id(result)] = (result, call, ())  # a hook of the module replaced its output
 
 
@@ -228,10 +229,9 @@ class _Tracer(TorchFunctionMode):
 class _Traced:
     """A traced forward pass: what it returned and the calls that ran."""
 
-    returned: Any
+    model: nn.Module
     tensor: torch.Tensor
     tracer: _Tracer
-    names: dict
 
     def output_call(self) -> Optional[tuple]:
         entry = self.tracer.derived.get(id(self.tensor))
@@ -240,7 +240,14 @@ class _Traced:
         return None
 
     def where(self, call: _Call) -> str:
-        return self.names.get(id(call.module), "<model>") if call.module is not None else call.line
+        if call.module is None:
+            return call.line
+        return next((name or "<model>" for name, m in self.model.named_modules() if m is call.module), "?")
+
+    def describe(self, call: _Call) -> str:
+        if call.module is None:
+            return f"{call.name} (at {call.line})"
+        return f"{call.name} (module {self.where(call)!r}, called at {call.line})"
 
 
 def _logits_field(out: Any, arg: str = "model") -> torch.Tensor:
@@ -267,8 +274,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Traced:
     finally:
         for handle in handles:
             handle.remove()
-    names = {id(m): name or "<model>" for name, m in model.named_modules()}
-    return _Traced(returned, _logits_field(returned), tracer, names)
+    return _Traced(model, _logits_field(returned), tracer)
 
 
 @dataclass
@@ -297,13 +303,11 @@ def _find_logits(traced: _Traced) -> _Logits:
     tracer = traced.tracer
     lost = [c for c in tracer.calls if c.name in _PROBABILITY_LIKE and c.index > tracer.last_param]
     if lost:
-        call = lost[-1]
-        what = f"module {traced.where(call)!r} called at" if call.module is not None else "at"
         raise ValueError(
-            f"model: no detectable logits: {call.name} ({what} {call.line}) runs after the last "
-            "parameterised layer, but forward does not return its "
-            "result (later operations change it), so the values before it cannot be recovered. Make "
-            "forward return the logits, or return the softmax / log_softmax / sigmoid result itself."
+            f"model: no detectable logits: {traced.describe(lost[-1])} runs after the last "
+            "parameterised layer, but forward does not return its result (later operations change "
+            "it), so the values before it cannot be recovered. Make forward return the logits, or "
+            "return the softmax / log_softmax / sigmoid result itself."
         )
     return _Logits(traced.tensor, "categorical", None, False)
 
@@ -395,9 +399,10 @@ def select_output(model: nn.Module, output: str = "logits", *, example_inputs: A
     none), "probs" (softmax(g) over dim 1, or sigmoid(g)), "log_probs" (log_softmax(g), or
     logsigmoid(g)) or "margin" (m_c = g_c - logsumexp_{j != c} g_j = log(p_c / (1 - p_c)) for
     every class, TRAK's output; g itself for a sigmoid). Captum's ``target`` then picks the class.
-    The softmax heads are modules, so hook-based methods (DeepLift) see them; on "logits" DeepLift
-    meets no softmax or max at all. ``example_inputs`` (a tensor or tuple of forward's arguments)
-    runs one pass now, so that a model that cannot be handled fails here rather than later.
+    The heads are modules, so hook-based methods see the softmax they apply (DeepLift's rule for
+    it is approximate); on "logits" DeepLift meets no softmax or max at all, and its completeness
+    holds. ``example_inputs`` (a tensor or tuple of forward's arguments) runs one pass now, so
+    that a model that cannot be handled fails here rather than at the first call.
 
     Example::
 
