@@ -1,0 +1,235 @@
+"""Right for the Right Reasons (Ross et al., 2017): cross-entropy plus a penalty on input gradients.
+
+    L = CE(f(x), y) + l2_grads * sum_{b,d} (A_bd * d/dx_bd t(f(x_b)))^2
+
+where A is the mask of features that must not matter and t is the explained output, by default
+sum_k log p_k with log p = log_softmax(logits). The input gradient comes from one
+``torch.autograd.grad`` call for the whole batch with ``create_graph=True`` (double backprop), and
+the cross-entropy reuses the same forward pass, so ``loss.backward()`` reaches the parameters
+through both terms and a zero mask gives exactly plain training, dropout draws included.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._backend import batch_size_of, input_grads
+
+TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
+MaskSpec = Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+# t(logits, labels) -> Tensor[B]: the scalar per example whose input gradient is penalised.
+_TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # Ross et al.: sum_k log p_k, the gradient of every class's log-probability at once.
+    "log_probs": lambda logits, labels: F.log_softmax(logits, dim=1).sum(dim=1),
+    # log p_y (sum_k y_k log p_k for soft labels): the explanation of the labelled class only.
+    "true_log_prob": lambda logits, labels: -F.cross_entropy(logits, labels, reduction="none"),
+    # sum_k z_k: the raw scores, before the softmax couples the classes.
+    "logits": lambda logits, labels: logits.sum(dim=1),
+}
+
+
+class RRRTerms(NamedTuple):
+    """The two terms of the last loss, detached: ``loss = cross_entropy + l2_grads * penalty``."""
+
+    cross_entropy: torch.Tensor
+    penalty: torch.Tensor
+
+
+class RRRLoss(nn.Module):
+    r"""Cross-entropy plus ``l2_grads`` times the squared input gradients inside a mask.
+
+    ``loss(model, inputs, labels, mask)`` returns the scalar
+
+        CE + l2_grads * R,   R = sum_{b,i,d} (mask_i[b,d] * d t_b / d inputs_i[b,d])^2,
+
+    both terms averaged over the batch (``reduction="mean"``, the default, so that ``l2_grads``
+    does not depend on the batch size) or summed (``reduction="sum"``, Ross et al.'s objective).
+    The explained output t_b is chosen by ``target``:
+
+    - ``"log_probs"``: sum_k log p_k(x_b), with log p = log_softmax(logits) (Ross et al.);
+    - ``"true_log_prob"``: log p_{y_b}(x_b), the labelled class only;
+    - ``"logits"``: sum_k z_k(x_b), the model's raw outputs.
+
+    ``model(*inputs)`` must return logits of shape (B, K); ``labels`` are class indices (B,) or
+    class probabilities (B, K), as for ``F.cross_entropy``. ``inputs`` is a tensor or a tuple of
+    tensors and ``mask`` a tensor or a tuple with one entry per input (``None``: that input is not
+    penalised); each mask broadcasts to its input (e.g. (H, W) for images (B, C, H, W)) and may be
+    boolean or real-valued (per-feature weights). Weight decay belongs to the optimiser.
+
+    After each call, ``last_terms`` holds the two terms (detached) for logging.
+
+    The penalty is local: saturating units (tanh, sigmoid) can flatten the gradient at the
+    training points while the output still depends on the masked features; piecewise-linear
+    activations (ReLU) leave no such way out.
+
+    BatchNorm in training mode couples the examples of a batch, so the batched input gradient is
+    then not the per-example one; a warning says so once.
+
+    Example::
+
+        >>> loss_fn = ci.RRRLoss(l2_grads=10.0)
+        >>> loss = loss_fn(model, x, y, mask)   # mask: 1 on the pixels that must not matter
+        >>> loss.backward(); optimizer.step()
+        >>> loss_fn.last_terms.penalty
+    """
+
+    def __init__(self, l2_grads: float, target: str = "log_probs", *, reduction: str = "mean"):
+        super().__init__()
+        if isinstance(l2_grads, bool) or not isinstance(l2_grads, numbers.Real):
+            raise TypeError(f"l2_grads: expected a non-negative real number; got {type(l2_grads).__name__}.")
+        if not math.isfinite(l2_grads) or l2_grads < 0:
+            raise ValueError(f"l2_grads: expected a finite non-negative number; got {l2_grads!r}.")
+        if target not in _TARGETS:
+            raise ValueError(f"target: expected one of {sorted(_TARGETS)}; got {target!r}.")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean' or 'sum'; got {reduction!r}.")
+        self.l2_grads = float(l2_grads)
+        self.target = target
+        self.reduction = reduction
+        self.last_terms: Optional[RRRTerms] = None
+        self._warned_batchnorm = False
+        self._checked_output = False
+
+    def extra_repr(self) -> str:
+        return f"l2_grads={self.l2_grads}, target={self.target!r}, reduction={self.reduction!r}"
+
+    def forward(
+        self,
+        model: Callable[..., torch.Tensor],
+        inputs: TensorOrTuple,
+        labels: torch.Tensor,
+        mask: MaskSpec,
+    ) -> torch.Tensor:
+        if not callable(model):
+            raise TypeError(f"model: expected an nn.Module or callable returning logits; got {type(model).__name__}.")
+        inputs = _as_tuple(inputs, "inputs")
+        n = _check_labels(labels, inputs)
+        masks = _check_masks(inputs, mask)
+        self._warn_batchnorm(model)
+
+        penalised = [i for i, m in enumerate(masks) if m is not None]
+        outputs: list[torch.Tensor] = []
+
+        def explained(*xs: torch.Tensor) -> torch.Tensor:
+            full = list(inputs)
+            for i, x in zip(penalised, xs):
+                full[i] = x
+            logits = model(*full)
+            _check_logits(logits, n, labels)
+            outputs.append(logits)  # one forward serves both terms
+            return _TARGETS[self.target](logits, labels)
+
+        grads = input_grads(explained, [inputs[i] for i in penalised], create_graph=True)
+        (logits,) = outputs
+        self._warn_probabilities(logits)
+        cross_entropy = F.cross_entropy(logits, labels, reduction=self.reduction)
+        penalty = sum((((masks[i] * g) ** 2).sum() for i, g in zip(penalised, grads)))
+        if self.reduction == "mean":
+            penalty = penalty / n
+        self.last_terms = RRRTerms(cross_entropy.detach(), penalty.detach())
+        return cross_entropy + self.l2_grads * penalty
+
+    def _warn_batchnorm(self, model: Callable) -> None:
+        if self._warned_batchnorm or not isinstance(model, nn.Module):
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                warnings.warn(
+                    f"RRRLoss: module {name!r} ({type(module).__name__}) is in training mode; batch "
+                    "statistics couple the examples, so the batched input gradient is not each "
+                    "example's own. Use eval-mode normalisation (or GroupNorm/LayerNorm) for an exact penalty.",
+                    stacklevel=3,
+                )
+                self._warned_batchnorm = True
+                return
+
+    def _warn_probabilities(self, logits: torch.Tensor) -> None:
+        # Checked on the first call only: it reads values back, which costs a device sync.
+        if self._checked_output:
+            return
+        self._checked_output = True
+        out = logits.detach()
+        if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones_like(out[:, 0]), atol=1e-4):
+            warnings.warn(
+                "RRRLoss: the model's outputs are non-negative and sum to 1, so they look like "
+                "probabilities; RRRLoss applies log_softmax itself and expects logits "
+                "(ci.select_output(model, 'logits') removes a final softmax).",
+                stacklevel=3,
+            )
+
+
+def _as_tuple(value: TensorOrTuple, arg: str) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(x, torch.Tensor) for x in value):
+        return tuple(value)
+    given = type(value).__name__ if not isinstance(value, (tuple, list)) else [type(x).__name__ for x in value]
+    raise TypeError(f"{arg}: expected a tensor or a non-empty tuple of tensors; got {given}.")
+
+
+def _check_masks(inputs: tuple, mask: MaskSpec) -> list[Optional[torch.Tensor]]:
+    """One mask (or None) per input, each broadcastable to its input and cast to its dtype."""
+    if isinstance(mask, torch.Tensor):
+        masks: list = [mask]
+    elif isinstance(mask, (tuple, list)):
+        masks = list(mask)
+    else:
+        raise TypeError(f"mask: expected a tensor or a tuple of tensors (or None); got {type(mask).__name__}.")
+    if len(masks) != len(inputs):
+        raise ValueError(f"mask: expected one mask per input tensor ({len(inputs)}); got {len(masks)}.")
+    if all(m is None for m in masks):
+        raise ValueError("mask: every entry is None, so nothing would be penalised; pass a zero mask for that.")
+    checked: list[Optional[torch.Tensor]] = []
+    for i, (m, x) in enumerate(zip(masks, inputs)):
+        where = "mask" if len(inputs) == 1 else f"mask[{i}]"
+        if m is None:
+            checked.append(None)
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{where}: expected a tensor or None; got {type(m).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"inputs{'' if len(inputs) == 1 else f'[{i}]'}: has dtype {x.dtype}, which has no input "
+                "gradient; give it a mask of None or pass a floating-point tensor."
+            )
+        try:
+            fits = torch.broadcast_shapes(m.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{where}: shape {tuple(m.shape)} does not broadcast to the input's shape {tuple(x.shape)}."
+            )
+        checked.append(m.to(device=x.device, dtype=x.dtype))
+    return checked
+
+
+def _check_labels(labels: torch.Tensor, inputs: tuple) -> int:
+    n = batch_size_of(inputs)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a tensor of class indices (B,) or probabilities (B, K); got {type(labels).__name__}.")
+    ok = (labels.dim() == 1 and not labels.is_floating_point()) or (labels.dim() == 2 and labels.is_floating_point())
+    if not ok or labels.shape[0] != n:
+        raise ValueError(
+            f"labels: expected integer class indices of shape ({n},) or class probabilities of shape "
+            f"({n}, K); got {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+    return n
+
+
+def _check_logits(logits: torch.Tensor, n: int, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model: expected logits of shape ({n}, K) with K >= 2 classes; it returned {got}.")
+    if labels.dim() == 2 and labels.shape != logits.shape:
+        raise ValueError(
+            f"labels: class probabilities of shape {tuple(labels.shape)} do not match the logits' shape {tuple(logits.shape)}."
+        )
