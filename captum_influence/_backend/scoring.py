@@ -6,7 +6,7 @@ asks for the full matrix.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -46,6 +46,31 @@ def scores(queries: torch.Tensor, keys: Features, **kwargs) -> torch.Tensor:
     return out
 
 
+def check_k(k: int, n: int) -> None:
+    """``k`` must be an int in [1, n]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
+        raise ValueError(f"k: expected an int in [1, {n}]; got {k!r}.")
+
+
+def merge_topk(
+    blocks: Iterable[tuple[int, torch.Tensor]], k: int, *, largest: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` per row of a score matrix given as column blocks ``(start, S[:, start:stop])``,
+    keeping a running top-k; returns values and column indices, ties to the lower index."""
+    best_v: Optional[torch.Tensor] = None
+    best_i: Optional[torch.Tensor] = None
+    for start, block in blocks:
+        idx = torch.arange(start, start + block.shape[1], device=block.device).expand_as(block)
+        if best_v is not None:
+            block = torch.cat([best_v, block], dim=1)
+            idx = torch.cat([best_i, idx], dim=1)
+        order = torch.argsort(block if not largest else -block, dim=1, stable=True)[:, :k]
+        best_v, best_i = block.gather(1, order), idx.gather(1, order)
+    if best_v is None:
+        raise ValueError("blocks: no score block to take the top k of.")
+    return best_v, best_i
+
+
 def topk(
     queries: torch.Tensor,
     keys: Features,
@@ -58,21 +83,11 @@ def topk(
     """Top ``k`` scores per query and their key indices, merging a running top-k block by block.
 
     Ties are broken by the lower key index, as a stable argsort would."""
-    n = keys.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise ValueError(f"k: expected an int in [1, {n}]; got {k!r}.")
+    check_k(k, keys.shape[0])
     values_out, indices_out = [], []
     for qs in range(0, queries.shape[0], query_block_size):
         q = queries[qs : qs + query_block_size]
-        best_v: Optional[torch.Tensor] = None
-        best_i: Optional[torch.Tensor] = None
-        for start, block in iter_score_blocks(q, keys, **kwargs):
-            idx = torch.arange(start, start + block.shape[1], device=block.device).expand_as(block)
-            if best_v is not None:
-                block = torch.cat([best_v, block], dim=1)
-                idx = torch.cat([best_i, idx], dim=1)
-            order = torch.argsort(block if not largest else -block, dim=1, stable=True)[:, :k]
-            best_v, best_i = block.gather(1, order), idx.gather(1, order)
-        values_out.append(best_v)
-        indices_out.append(best_i)
+        values, indices = merge_topk(iter_score_blocks(q, keys, **kwargs), k, largest=largest)
+        values_out.append(values)
+        indices_out.append(indices)
     return torch.cat(values_out), torch.cat(indices_out)

@@ -1,0 +1,506 @@
+"""TracIn with checkpoints (Pruthi et al. 2020): TracInCP over any parameters, and TracInCPFast,
+the exact shortcut for a final Linear layer.
+
+    TracInCP(z, z') = sum_c eta_c <g_c(z), g_c(z')>,    g_c(z) = d loss(z; theta_c) / d theta,
+
+with eta_c the weight (learning rate) returned by ``checkpoints_load_func`` for checkpoint c.
+Stacking v(z) = [sqrt(eta_1) g_1(z), ..., sqrt(eta_C) g_C(z)] turns the sum into one dot
+product, TracInCP(z, z') = <v(z), v(z')>, so the scores, the top-k and the self-influence
+||v(z)||^2 are all computed on the stacked vectors, each checkpoint loaded once per pass.
+
+A Linear layer's part of g is kept as factors (its inputs a and output gradients d, see
+``_backend/linear_factors.py``) whenever their inner products cost less than explicit gradients:
+(d . d')(a . a' + 1) instead of a dot product over out x (in + 1) entries.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+from captum.influence._utils.common import KMostInfluentialResults
+from torch import nn
+from torch.func import vmap
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._backend import Projector, check_k, merge_topk, param_shapes, per_example_grads, select_param_names
+from ._backend.linear_factors import factor_gradients, factorised_norms, factorised_scores, linear_factors
+from ._checkpoints import LoadFunc
+from ._data import split_batch
+from ._influence import GradientFeatureInfluence
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ProjectionDim = Union[int, str, None]
+
+# "auto" keeps explicit gradients exact up to this many dimensions per checkpoint, else projects
+# them to _AUTO_PROJECTION_DIM (inner products then keep a relative error near 1/sqrt(4096) ~ 1.6%).
+_AUTO_EXACT_DIM = 8192
+_AUTO_PROJECTION_DIM = 4096
+# Score-block budget in elements: factorised blocks hold n_q x n_k x T^2 position pairs.
+_BLOCK_ELEMENTS = 2**24
+_QUERY_BLOCK = 1024
+# Factors are checked once against per-example autograd gradients (float32 rounding is ~1e-6).
+_CHECK_RTOL = 1e-3
+
+
+def _check_loss_fn(loss_fn: Optional[LossFn]) -> LossFn:
+    if loss_fn is None:
+        return nn.CrossEntropyLoss(reduction="none")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn: expected a loss module or a callable loss(outputs, labels); got {type(loss_fn).__name__}."
+        )
+    reduction = getattr(loss_fn, "reduction", "none")
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"loss_fn: reduction must be 'none', 'sum' or 'mean'; got {reduction!r}.")
+    return loss_fn
+
+
+def _example_losses(loss_fn: LossFn, outputs: torch.Tensor, labels: Any) -> torch.Tensor:
+    """Each example's own loss, ``loss_fn(outputs[b:b+1], labels[b:b+1])`` summed: Tensor[B].
+
+    A loss with reduction "none" is called once on the batch (its values summed over all but
+    the batch dimension); a reducing loss ("sum", "mean" or a plain callable) is applied to each
+    example alone (vmap), so "sum" and "mean" give the same per-example loss, as in Captum."""
+    n = outputs.shape[0]
+    if getattr(loss_fn, "reduction", None) == "none" or n == 1:
+        losses = loss_fn(outputs, labels)
+        if not isinstance(losses, torch.Tensor) or losses.numel() % n or (losses.dim() and losses.shape[0] != n):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(
+                f"loss_fn: with reduction 'none' it must return per-example losses (shape ({n}, ...)); got {shape}."
+            )
+        return losses.reshape(n, -1).sum(1)
+    label_dim = 0 if isinstance(labels, torch.Tensor) else None
+    one = lambda o, y: loss_fn(o.unsqueeze(0), y.unsqueeze(0) if label_dim == 0 else y).sum()
+    return vmap(one, in_dims=(0, label_dim))(outputs, labels)
+
+
+def _check_projection_dim(projection_dim: ProjectionDim) -> None:
+    if projection_dim is None or projection_dim == "auto":
+        return
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0:
+        raise ValueError(f"projection_dim: expected a positive int, 'auto' or None; got {projection_dim!r}.")
+
+
+def _gradient_vectors(grads: dict[str, torch.Tensor], projector: Optional[Projector]) -> torch.Tensor:
+    """Per-example gradients ``{name: (B, *shape)}`` flattened and concatenated, or projected: (B, d)."""
+    if projector is not None:
+        return projector.project(grads)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+@dataclass
+class _Layout:
+    """One checkpoint's row: ``[a, d]`` of each factored Linear layer, then the explicit gradients of
+    the other parameters (from outer products of captured layers, else from vmap), maybe projected."""
+
+    factored: list[tuple[str, int, int, int]] = field(default_factory=list)  # (layer, T, in [+ 1], out)
+    outer: list[str] = field(default_factory=list)  # captured layers given as explicit gradients
+    vmap: list[str] = field(default_factory=list)  # parameter names from per_example_grads
+    projector: Optional[Projector] = None  # of the explicit gradients
+
+
+class _TracInBase(GradientFeatureInfluence):
+    """Stacked per-checkpoint vectors, checkpoint-major (each checkpoint loaded once per pass), and
+    their scores; subclasses say which Linear layers to capture (``_candidates``)."""
+
+    _outer_products = False  # captured layers not factored: outer products (True) or vmap (False)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc],
+        *,
+        loss_fn: Optional[LossFn],
+        params: Any,
+        batch_size: int,
+        projection_dim: ProjectionDim,
+        device: Union[str, torch.device, None],
+        show_progress: bool,
+        seed: int,
+    ):
+        super().__init__(
+            model, train_dataset, checkpoints, checkpoints_load_func,
+            batch_size=batch_size, device=device, show_progress=show_progress,
+        )
+        self.loss_fn = _check_loss_fn(loss_fn)
+        _check_projection_dim(projection_dim)
+        self.param_names = select_param_names(model, params, arg="layers")
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self._layout: Optional[_Layout] = None
+        self._train_cache: Optional[torch.Tensor] = None
+
+    # --- the layout of a row, chosen on the first batch -------------------------------------
+
+    @property
+    def projector(self) -> Optional[Projector]:
+        """The Projector of the explicit gradients (None: exact), set on the first pass over data."""
+        return self._layout.projector if self._layout is not None else None
+
+    def _candidates(self) -> list[str]:
+        """Linear layers whose gradients may be captured as factors."""
+        raise NotImplementedError
+
+    def _factor_check_failed(self, layer: str, error: float) -> None:
+        raise NotImplementedError
+
+    def _loss(self, model: nn.Module, *batch) -> torch.Tensor:
+        inputs, labels = split_batch(batch)
+        return _example_losses(self.loss_fn, model(*inputs), labels)
+
+    def _layer_params(self, layer: str) -> dict[str, str]:
+        """``{"weight": full name, "bias": full name}`` of a Linear layer's parameters."""
+        prefix = f"{layer}." if layer else ""
+        return {attr: prefix + attr for attr, _ in self.model.get_submodule(layer).named_parameters(recurse=False)}
+
+    def _choose_layout(self, batch: tuple) -> _Layout:
+        """Factor a captured layer when exact (no ``projection_dim`` int) and cheaper,
+        T^2 (in + out) < out x in, once its gradients match autograd's on this batch."""
+        candidates = self._candidates()
+        factors = linear_factors(self.model, self._loss, batch, candidates) if candidates else {}
+        layout = _Layout()
+        for layer, (a, d) in factors.items():
+            t, width_in, width_out = a.shape[1], a.shape[2], d.shape[2]
+            cheaper = not isinstance(self.projection_dim, int) and t * t * (width_in + width_out) < width_in * width_out
+            if not (cheaper or self._outer_products):
+                continue  # left to per_example_grads
+            error = self._factor_error(layer, batch, a, d)
+            if error > _CHECK_RTOL:
+                self._factor_check_failed(layer, error)
+                continue
+            if cheaper:
+                layout.factored.append((layer, t, width_in, width_out))
+            else:
+                layout.outer.append(layer)
+        in_factors = {n for layer, *_ in layout.factored for n in self._layer_params(layer).values()}
+        in_outer = {n for layer in layout.outer for n in self._layer_params(layer).values()}
+        explicit = [n for n in self.param_names if n not in in_factors]
+        layout.vmap = [n for n in explicit if n not in in_outer]
+        shapes = param_shapes(self.model, explicit)
+        k = self.projection_dim
+        if k == "auto":
+            k = _AUTO_PROJECTION_DIM if sum(math.prod(s) for s in shapes.values()) > _AUTO_EXACT_DIM else None
+        if k is not None and explicit:
+            layout.projector = Projector(shapes, k, seed=self.seed, device=self.device)
+        return layout
+
+    def _factor_error(self, layer: str, batch: tuple, a: torch.Tensor, d: torch.Tensor) -> float:
+        """Relative difference between the factors' gradients and per_example_grads on ``batch``."""
+        names = self._layer_params(layer)
+        reference = per_example_grads(self.model, self._loss, batch, params=list(names.values()))
+        got = factor_gradients(a, d, self.model.get_submodule(layer).in_features)
+        diff = sum(float((got[attr] - reference[name]).double().norm()) ** 2 for attr, name in names.items())
+        scale = sum(float(reference[name].double().norm()) ** 2 for name in names.values())
+        return math.sqrt(diff) / max(math.sqrt(scale), torch.finfo(torch.float32).tiny)
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def _rows(self, batch: tuple, weight: float, explicit: bool = False) -> torch.Tensor:
+        """One batch's vectors at the loaded checkpoint, the gradients scaled by sqrt(weight).
+        ``explicit``: factored layers as explicit (flattened) gradients too."""
+        if self._layout is None:
+            self._layout = self._choose_layout(batch)
+        layout, root = self._layout, math.sqrt(weight)
+        captured = [f[0] for f in layout.factored] + layout.outer
+        factors = linear_factors(self.model, self._loss, batch, captured) if captured else {}
+        grads = per_example_grads(self.model, self._loss, batch, params=layout.vmap) if layout.vmap else {}
+        for layer in layout.outer:
+            grads.update(self._named_factor_gradients(layer, *factors[layer]))
+        parts = []
+        for layer, *_ in layout.factored:
+            a, d = factors[layer]
+            if explicit:
+                g = self._named_factor_gradients(layer, a, d)
+                parts.append(_gradient_vectors(g, None) * root)
+            else:
+                parts += [a.flatten(1), (d * root).flatten(1)]
+        if grads:
+            ordered = {n: grads[n] for n in self.param_names if n in grads}
+            parts.append(_gradient_vectors(ordered, layout.projector) * root)
+        return torch.cat(parts, dim=1)
+
+    def _named_factor_gradients(self, layer: str, a: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        grads = factor_gradients(a, d, self.model.get_submodule(layer).in_features)
+        return {name: grads[attr] for attr, name in self._layer_params(layer).items()}
+
+    # --- stacking over checkpoints ----------------------------------------------------------
+
+    def _checkpoint_weights(self, desc: str) -> Iterator[tuple[int, float]]:
+        for index, weight in self._iter_checkpoints(desc):
+            if weight < 0:
+                raise ValueError(
+                    f"checkpoints_load_func: returned the weight {weight!r} for checkpoint {index}; TracIn "
+                    "expects a non-negative learning rate (each checkpoint contributes eta_c * <g, g'>)."
+                )
+            yield index, weight
+
+    def _stack(self, batches: Callable[[], Iterable[tuple[int, tuple]]], n_rows: int, n_batches: int,
+               role: str, explicit: bool = False) -> torch.Tensor:
+        """``[rows at checkpoint 1, ..., rows at checkpoint C]`` for every example: (n_rows, C * width)."""
+        out: Optional[torch.Tensor] = None
+        for index, weight in self._checkpoint_weights(f"{role}: checkpoints"):
+            bar = tqdm(batches(), total=n_batches, desc=f"{role}: checkpoint {index}",
+                       disable=not self.show_progress, leave=False)
+            for start, batch in bar:
+                block = self._rows(batch, weight, explicit).detach().to("cpu", torch.float32)
+                if out is None:
+                    out = torch.empty(n_rows, len(self.checkpoints), block.shape[1])
+                out[start : start + block.shape[0], index] = block
+        assert out is not None
+        return out.reshape(n_rows, -1)
+
+    def _train_features(self) -> torch.Tensor:
+        """Stacked training rows, computed on first use and kept."""
+        if self._train_cache is None:
+            self._train_cache = self._stack(self._train_batches, self.n_train, len(self.train_loader), "train")
+        return self._train_cache
+
+    def _test_features(self, inputs: Any, explicit: bool = False) -> torch.Tensor:
+        batches, n = self._test_batches(inputs)
+        return self._stack(lambda: batches, n, len(batches), "inputs", explicit)
+
+    def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
+        """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c, (n, C * d), whose dot products are the
+        scores (the gradients in parameter order, factored layers first; projected ones last)."""
+        return self._test_features(inputs, explicit=True)
+
+    # --- scores ------------------------------------------------------------------------------
+
+    def _pair_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scores between rows: factored layers by factorised products, the rest by a dot product."""
+        nq, nk, n_ckpt = queries.shape[0], keys.shape[0], len(self.checkpoints)
+        q, k = queries.reshape(nq, n_ckpt, -1), keys.reshape(nk, n_ckpt, -1)
+        out = queries.new_zeros(nq, nk)
+        offset = 0
+        for _, t, width_in, width_out in self._layout.factored:
+            mid, stop = offset + t * width_in, offset + t * (width_in + width_out)
+            for c in range(n_ckpt):
+                out += factorised_scores(
+                    q[:, c, offset:mid].reshape(nq, t, width_in), q[:, c, mid:stop].reshape(nq, t, width_out),
+                    k[:, c, offset:mid].reshape(nk, t, width_in), k[:, c, mid:stop].reshape(nk, t, width_out),
+                )
+            offset = stop
+        if offset < q.shape[2]:
+            out += q[:, :, offset:].reshape(nq, -1) @ k[:, :, offset:].reshape(nk, -1).T
+        return out
+
+    def _score_blocks(self, queries: torch.Tensor, keys: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        positions = max([t for _, t, _, _ in self._layout.factored], default=1)
+        step = max(1, _BLOCK_ELEMENTS // (queries.shape[0] * positions**2))
+        for start in range(0, keys.shape[0], step):
+            yield start, self._pair_scores(queries, keys[start : start + step].to(queries.device))
+
+    def influence(
+        self, inputs: Any, k: Optional[int] = None, proponents: bool = True
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
+        """Scores (n_test, n_train), positive when the training example helps; with ``k``, the top-k
+        proponents (or opponents) per test example as ``KMostInfluentialResults(indices, influence_scores)``,
+        found block by block without the full matrix."""
+        if k is not None:
+            check_k(k, self.n_train)
+        keys = self._train_features()  # also fixes the layout
+        if not self._layout.factored:
+            return super().influence(inputs, k, proponents)
+        queries = self._test_features(inputs).to(self.device)
+        starts = range(0, queries.shape[0], _QUERY_BLOCK)
+        if k is None:
+            out = torch.empty(queries.shape[0], self.n_train, device=self.device)
+            for qs in starts:
+                for start, block in self._score_blocks(queries[qs : qs + _QUERY_BLOCK], keys):
+                    out[qs : qs + block.shape[0], start : start + block.shape[1]] = block
+            return out
+        parts = [
+            merge_topk(self._score_blocks(queries[qs : qs + _QUERY_BLOCK], keys), k, largest=bool(proponents))
+            for qs in starts
+        ]
+        return KMostInfluentialResults(torch.cat([i for _, i in parts]), torch.cat([v for v, _ in parts]))
+
+    def self_influence(self, inputs: Any = None) -> torch.Tensor:
+        """sum_c eta_c ||g_c(z)||^2 for every example of ``inputs`` (the training set when None): Tensor[n]."""
+        features = self._train_features() if inputs is None else self._test_features(inputs)
+        if not self._layout.factored:
+            return self._rowwise_scores(features, features, None)
+        n, n_ckpt = features.shape[0], len(self.checkpoints)
+        out = torch.empty(n)
+        for start in range(0, n, _QUERY_BLOCK):
+            rows = features[start : start + _QUERY_BLOCK].to(self.device, torch.float64).reshape(-1, n_ckpt, features.shape[1] // n_ckpt)
+            total = rows.new_zeros(rows.shape[0])
+            offset = 0
+            for _, t, width_in, width_out in self._layout.factored:
+                mid, stop = offset + t * width_in, offset + t * (width_in + width_out)
+                for c in range(n_ckpt):
+                    total += factorised_norms(
+                        rows[:, c, offset:mid].reshape(-1, t, width_in), rows[:, c, mid:stop].reshape(-1, t, width_out)
+                    )
+                offset = stop
+            total += rows[:, :, offset:].pow(2).sum((1, 2))
+            out[start : start + rows.shape[0]] = total.cpu().float()
+        return out
+
+
+class TracInCP(_TracInBase):
+    """TracInCP: sum over checkpoints of eta_c <grad loss(z'), grad loss(z)> over any parameters.
+
+    Gradients are taken with respect to the parameters of ``layers`` only (names, module paths or
+    modules; default every trainable parameter, BatchNorm, LayerNorm and Embedding ones included:
+    nothing is left out). Each ``nn.Linear`` whose parameters are all selected and belong to it
+    alone is kept as factors (inputs a and output gradients d, scored by (d . d')(a . a' + 1)
+    summed over positions) when that is cheaper than its explicit gradient, after a one-time check
+    against autograd on the first batch (a layer that fails it, with a warning, and every other
+    parameter go through the backend's ``per_example_grads``). ``projection_dim`` (an int) projects
+    every checkpoint's whole gradient with a seeded random Projector, scores then being unbiased
+    estimates; "auto" factors what pays and projects the rest only when it exceeds 8192 dimensions;
+    None keeps everything exact.
+
+    ``loss_fn`` is a loss module with reduction "none", "sum" or "mean", or a callable
+    loss(outputs, labels); each example's gradient is that of its own loss, whatever the
+    reduction (default: cross-entropy). ``compute_intermediate_quantities`` returns the stacked
+    vectors v(z) = [sqrt(eta_c) g_c(z)]_c, whose dot products are the scores. Training rows are
+    kept after the first call (n_train x C x row width floats; use ``projection_dim`` for big models).
+
+    Example::
+
+        >>> tracin = TracInCP(model, train_set, "checkpoints/", load_with_lr, layers=["fc"])
+        >>> scores = tracin.influence((x_test, y_test))              # (n_test, n_train)
+        >>> top = tracin.influence((x_test, y_test), k=5)            # indices, influence_scores
+        >>> suspicious = tracin.self_influence().argsort(descending=True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc] = None,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        layers: Any = None,
+        batch_size: int = 64,
+        projection_dim: ProjectionDim = None,
+        device: Union[str, torch.device, None] = None,
+        show_progress: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(
+            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, params=layers,
+            batch_size=batch_size, projection_dim=projection_dim, device=device,
+            show_progress=show_progress, seed=seed,
+        )
+        self.layers = layers
+
+    def _candidates(self) -> list[str]:
+        if isinstance(self.projection_dim, int):
+            return []
+        owners = Counter(id(p) for m in self.model.modules() for p in m.parameters(recurse=False))
+        selected = set(self.param_names)
+        return [
+            name for name, module in self.model.named_modules()
+            if type(module) is nn.Linear  # exactly: a subclass may use its weight differently
+            and all(owners[id(p)] == 1 for p in module.parameters(recurse=False))
+            and set(self._layer_params(name).values()) <= selected
+        ]
+
+    def _factor_check_failed(self, layer: str, error: float) -> None:
+        warnings.warn(
+            f"layers: the Linear layer {layer!r} does not give its per-example gradients from its inputs and "
+            f"output gradients (relative error {error:.1e}; its parameters are used outside its forward); "
+            "its gradients are taken by per_example_grads instead."
+        )
+
+
+class TracInCPFast(_TracInBase):
+    """TracInCP restricted to a Linear layer, from its inputs and output gradients alone.
+
+    For y = W a + b the gradient is dL/dW = d a^T and dL/db = d, with d = dL/dy, so
+
+        <g, g'> = (d . d') (a . a' + 1)          (the "+ 1" is the bias; without bias: (d . d')(a . a'))
+
+    and when the layer sees positions t (inputs (B, T, in), or several calls), g = sum_t d_t [a_t, 1]^T
+    and <g, g'> = sum_{t,s} (d_t . d'_s)(a_t . a'_s + 1). Scores sum eta_c times this over checkpoints.
+    Captum's TracInCPFast computes (d . d')(a . a') only: it omits the bias term, so its scores
+    differ from the exact ones by sum_c eta_c (d . d'); these are exact.
+
+    ``a`` is captured by a forward hook on ``final_fc_layer`` (the module or its name) and d for
+    the whole batch by one backward pass from the loss to the layer output, so the layer need not
+    be the model's last operation (checked once against autograd: its parameters must not be used
+    outside its forward). Without projection the scores are computed factorised,
+    n_test x n_train x T^2 x (in + out) operations instead of n_test x n_train x out x (in + 1),
+    whenever that is cheaper; otherwise (or with ``projection_dim``) from the explicit gradients
+    d a^T, which ``compute_intermediate_quantities`` returns (weight then bias, stacked over checkpoints).
+
+    Example::
+
+        >>> fast = TracInCPFast(model, model.fc, train_set, checkpoints, load_with_lr)
+        >>> fast.influence((x_test, y_test), k=10, proponents=False)   # opponents
+    """
+
+    _outer_products = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        final_fc_layer: Union[nn.Module, str],
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc] = None,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        batch_size: int = 64,
+        projection_dim: ProjectionDim = None,
+        device: Union[str, torch.device, None] = None,
+        show_progress: bool = False,
+        seed: int = 0,
+    ):
+        layer_name = _linear_layer_name(model, final_fc_layer)
+        super().__init__(
+            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn,
+            params=model.get_submodule(layer_name), batch_size=batch_size, projection_dim=projection_dim,
+            device=device, show_progress=show_progress, seed=seed,
+        )
+        self.layer_name = layer_name
+        self.final_fc_layer = model.get_submodule(layer_name)
+
+    def _candidates(self) -> list[str]:
+        return [self.layer_name]
+
+    def _factor_check_failed(self, layer: str, error: float) -> None:
+        raise ValueError(
+            f"final_fc_layer: {layer!r} does not give its per-example gradients from its inputs and output "
+            f"gradients (relative error {error:.1e} against autograd): its parameters are used outside its "
+            "forward; use TracInCP with layers=[...] instead."
+        )
+
+
+def _linear_layer_name(model: nn.Module, layer: Union[nn.Module, str]) -> str:
+    """The module path of ``layer`` (a module of ``model`` or its name), which must be an nn.Linear."""
+    if isinstance(layer, str):
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"final_fc_layer: {layer!r} names no module of the model; its Linear layers are {names}."
+            ) from None
+        name = layer
+    elif isinstance(layer, nn.Module):
+        found = [n for n, m in model.named_modules() if m is layer]
+        if not found:
+            raise ValueError(
+                f"final_fc_layer: the {type(layer).__name__} given is not a module of the model; "
+                "pass the model's own layer (for example model.fc) or its name."
+            )
+        name, module = found[0], layer
+    else:
+        raise TypeError(f"final_fc_layer: expected an nn.Linear of the model or its name; got {type(layer).__name__}.")
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"final_fc_layer: expected an nn.Linear; {name or 'the model'!r} is a {type(module).__name__}.")
+    return name
