@@ -131,7 +131,7 @@ class RRRLoss(nn.Module):
         (logits,) = outputs
         self._warn_probabilities(logits)
         cross_entropy = F.cross_entropy(logits, labels, reduction=self.reduction)
-        penalty = sum((((masks[i] * g) ** 2).sum() for i, g in zip(penalised, grads)))
+        penalty = sum(((masks[i] * g) ** 2).sum() for i, g in zip(penalised, grads))
         if self.reduction == "mean":
             penalty = penalty / n
         self.last_terms = RRRTerms(cross_entropy.detach(), penalty.detach())
