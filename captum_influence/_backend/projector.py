@@ -8,6 +8,7 @@ rows are produced ``block_rows`` at a time and the whole grad_dim x k matrix nev
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence, Union
@@ -111,6 +112,7 @@ class Projector:
         self.cache_bytes = cache_bytes
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._scale = 1.0 / math.sqrt(projection_dim)
+        self._offsets = dict(zip(self.names, itertools.accumulate([0] + self.sizes))) if self.names else {}
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +162,41 @@ class Projector:
             stop = min(start + self.block_rows, self.grad_dim)
             rows = _gather_rows(pieces, offsets, start, stop).to(self.device, self.dtype)
             out.addmm_(rows, self.block(index))
+        return out
+
+    def project_param(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add one parameter's share of the projection to ``out`` in place and return it:
+        ``out += grads.reshape(B, -1) @ P[rows of name]``, with the rows ``project`` uses for that
+        parameter, so summing over all parameters gives ``project`` of the whole dict (up to the
+        order of float additions). Parameters can go in as they are produced and the concatenated
+        (B, grad_dim) matrix never exists. ``out`` may be of a wider dtype than the projector (a
+        bfloat16 matrix with a float32 running sum)."""
+        if self.names is None:
+            raise ValueError(
+                "name: this projector was built from an int grad_dim; build it from the parameter "
+                "shapes ({name: shape}) to project one parameter at a time."
+            )
+        if name not in self._offsets:
+            raise ValueError(f"name: expected one of the projector's parameters {self.names}; got {name!r}.")
+        lo, size = self._offsets[name], self.sizes[self.names.index(name)]
+        flat = grads.reshape(grads.shape[0], -1)
+        if flat.shape[1] != size or out.dim() != 2 or out.shape != (flat.shape[0], self.projection_dim):
+            raise ValueError(
+                f"grads: {name!r} has {size} entries per example and out must be (B, {self.projection_dim}); "
+                f"got grads {tuple(grads.shape)} and out {tuple(out.shape)}."
+            )
+        if self.kind == "identity":
+            out[:, lo : lo + size] += flat.to(out.device, out.dtype)
+            return out
+        for index in range(lo // self.block_rows, (lo + size - 1) // self.block_rows + 1):
+            start = index * self.block_rows
+            first, last = max(start, lo), min(start + self.block_rows, lo + size)
+            rows = self.block(index)[first - start : last - start]
+            part = flat[:, first - lo : last - lo].to(self.device, rows.dtype)
+            if out.dtype == rows.dtype:
+                out.addmm_(part, rows)
+            else:
+                out.add_(part @ rows)
         return out
 
     def _flat_pieces(self, grads) -> list[torch.Tensor]:

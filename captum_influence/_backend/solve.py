@@ -11,13 +11,21 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .store import release_pages
+
 Features = Union[torch.Tensor, np.ndarray]
 
 
 def as_tensor_block(features: Features, start: int, stop: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """Rows ``[start, stop)`` of a tensor or a (memory-mapped) array as a tensor of ``dtype``."""
+    """Rows ``[start, stop)`` of a tensor or a (memory-mapped) array as a tensor of ``dtype``.
+    A memory-mapped block is copied and its pages released, so reading a store block by block
+    keeps about one block resident."""
     block = features[start:stop]
-    if isinstance(block, np.ndarray):
+    if isinstance(block, np.memmap):
+        copy = torch.from_numpy(np.array(block))
+        release_pages(block)
+        block = copy
+    elif isinstance(block, np.ndarray):
         block = torch.from_numpy(np.ascontiguousarray(block))
     return block.to(device=device, dtype=dtype)
 

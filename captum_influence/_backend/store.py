@@ -9,6 +9,7 @@ other settings is refused.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -79,6 +80,22 @@ class FeatureStore:
         return torch.load(file, weights_only=True) if file.exists() else None
 
 
+def release_pages(block: np.ndarray) -> None:
+    """Drop a memory-mapped block's pages from this process's resident memory once it has been
+    read or written. The page cache keeps them (the store's mappings are shared, so nothing is
+    lost and a later read sees the same bytes); reading a large store block by block then holds
+    about one block resident instead of the whole file. A no-op for other arrays or platforms."""
+    mapping = getattr(block, "_mmap", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or block.size == 0:
+        return
+    low, high = np.lib.array_utils.byte_bounds(block)
+    base = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    start, stop = -(-(low - base) // page) * page, (high - base) // page * page  # whole pages inside
+    if stop > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
 def fill_rows(
     batches: Iterable[tuple[int, Any]],
     compute: Callable[[Any], torch.Tensor],
@@ -91,18 +108,23 @@ def fill_rows(
     dtype: torch.dtype = torch.float32,
     show_progress: bool = False,
     desc: str = "featurising",
+    indices: Optional[range] = None,
 ) -> Union[torch.Tensor, np.memmap]:
     """Rows ``compute(batch)`` written at each batch's ``start``: a tensor, or with ``store`` a memmap
-    whose finished batches are skipped on a rerun (byte-identical to an uninterrupted run)."""
+    whose finished batches are skipped on a rerun (byte-identical to an uninterrupted run).
+
+    ``indices``: the batch numbers (out of ``n_batches``) of the batches given, when they are one
+    shard of the loader (default: all of them, in order); rows of other batches stay zero."""
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    indices = range(n_batches) if indices is None else indices
     if store is None:
-        out: Union[torch.Tensor, np.memmap] = torch.empty(n_rows, dim, dtype=dtype)
+        out: Union[torch.Tensor, np.memmap] = torch.zeros(n_rows, dim, dtype=dtype)
         done = None
     else:
         out = store.array(name, (n_rows, dim), np_dtype)
         done = store.flags(name, n_batches)
-    bar = tqdm(total=n_batches, desc=desc, disable=not show_progress, leave=False)
-    for index, (start, batch) in enumerate(batches):
+    bar = tqdm(total=len(indices), desc=desc, disable=not show_progress, leave=False)
+    for index, (start, batch) in zip(indices, batches):
         if done is not None and done[index]:
             bar.update()
             continue
@@ -112,6 +134,7 @@ def fill_rows(
         else:
             out[start : start + rows.shape[0]] = rows.numpy()
             out.flush()
+            release_pages(out[start : start + rows.shape[0]])
             done[index] = 1
             done.flush()
         bar.update()

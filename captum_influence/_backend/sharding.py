@@ -1,0 +1,211 @@
+"""The training set sharded over the ranks of ``torch.distributed`` (torchrun; gloo on CPU, NCCL on GPU).
+
+With R ranks, rank r featurises the contiguous batches ``shard_range(n_batches, r, R)`` and writes
+their rows into the shared on-disk store (or, without a store, into a zero tensor that one
+all-reduce completes on every rank). Scoring splits the same fixed grid of key blocks that a single
+process uses, so every block is the same matrix product and the gathered scores equal a
+single-process run bit for bit. A killed rank is resumed by rerunning the same command: batches
+whose rows were flushed are skipped (the store's per-batch flags). Without an initialised process
+group every function here is its single-process counterpart.
+
+    torchrun --nproc_per_node 4 script.py     # script: dist.init_process_group(); TRAK(..., store_dir=shared)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, SequentialSampler, Subset
+
+from .scoring import Features, check_k, iter_score_blocks, merge_topk
+from .store import FeatureStore, fill_rows
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``range(n)``; the first ``n % world_size`` ranks take one more."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, {world_size}); got {rank!r}.")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int, tuple]]:
+    """``(start, batch)`` for the batches numbered ``batches`` of a fixed-order loader. A loader
+    with a fixed batch size over a sequential sampler loads only those examples; any other is
+    iterated from the start and the other batches are skipped."""
+    size = loader.batch_size
+    if size is not None and isinstance(loader.sampler, SequentialSampler) and len(batches):
+        first = batches.start * size
+        last = min(batches.stop * size, len(loader.dataset))  # type: ignore[arg-type]
+        part = DataLoader(
+            Subset(loader.dataset, range(first, last)), batch_size=size, shuffle=False,
+            collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        )
+        start = first
+        for batch in part:
+            batch = tuple(batch)
+            yield start, batch
+            start += len(batch[-1])
+        return
+    start = 0
+    for index, batch in enumerate(loader):
+        if index >= batches.stop:
+            return
+        batch = tuple(batch)
+        if index in batches:
+            yield start, batch
+        start += len(batch[-1])
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; through the GPU when the group is NCCL's."""
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu)
+        tensor.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on every rank), in rank order."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return [p.to(tensor.device) for p in parts]
+
+
+def fill_rows_sharded(
+    loader: DataLoader,
+    compute: Callable[[tuple], torch.Tensor],
+    *,
+    n_rows: int,
+    dim: int,
+    store: Optional[FeatureStore] = None,
+    name: str = "features",
+    dtype: torch.dtype = torch.float32,
+    batches: Optional[Callable[[Iterable[tuple[int, tuple]]], Iterable[Any]]] = None,
+    show_progress: bool = False,
+    desc: str = "featurising",
+) -> Any:
+    """:func:`fill_rows` over ``loader``, this rank doing its share of the batches.
+
+    Every rank returns all ``n_rows`` rows: with ``store``, the shared memmap once every rank has
+    written its shard (the store directory must be shared by all ranks); without, a tensor
+    completed by an all-reduce (each row is written by one rank, the others add zeros).
+    ``batches`` may wrap the ``(start, batch)`` iterator (to move batches to a device, say).
+    """
+    n_batches = len(loader)
+    rank, world = rank_and_world()
+    mine = shard_range(n_batches, rank, world)
+    items = iter_loader_shard(loader, mine)
+    items = batches(items) if batches is not None else items
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    if world > 1 and store is not None:
+        if rank == 0:  # one rank creates the files, so no rank truncates another's rows
+            store.array(name, (n_rows, dim), np_dtype)
+            store.flags(name, n_batches)
+        dist.barrier()
+    out = fill_rows(
+        items, compute, n_rows=n_rows, dim=dim, n_batches=n_batches, store=store, name=name,
+        dtype=dtype, show_progress=show_progress, desc=desc, indices=mine,
+    )
+    if world == 1:
+        return out
+    if store is None:
+        return _all_reduce_sum(out)
+    dist.barrier()
+    return store.array(name, (n_rows, dim), np_dtype)  # reopened: every rank's rows, flushed
+
+
+def _my_blocks(n: int, block_size: int) -> range:
+    """The key rows of this rank's share of the fixed grid of ``block_size`` blocks."""
+    rank, world = rank_and_world()
+    blocks = shard_range(-(-n // block_size), rank, world)
+    return range(blocks.start * block_size, min(blocks.stop * block_size, n))
+
+
+def _shifted(transform, offset: int):
+    if transform is None:
+        return None
+    return lambda block, start, stop: transform(block, start + offset, stop + offset)
+
+
+def scores_sharded(
+    queries: torch.Tensor,
+    keys: Features,
+    *,
+    block_size: int = 8192,
+    dtype: torch.dtype = torch.float32,
+    transform=None,
+) -> torch.Tensor:
+    """:func:`scores` with the key blocks split over the ranks and summed into the full
+    (n_queries, n_keys) matrix on every rank; bit-identical to one process."""
+    n = keys.shape[0]
+    rank, world = rank_and_world()
+    rows = _my_blocks(n, block_size) if world > 1 else range(n)
+    out = torch.zeros(queries.shape[0], n, dtype=dtype, device=queries.device)
+    part = keys[rows.start : rows.stop]
+    for start, block in iter_score_blocks(
+        queries, part, block_size=block_size, dtype=dtype, transform=_shifted(transform, rows.start)
+    ):
+        out[:, rows.start + start : rows.start + start + block.shape[1]] = block
+    return _all_reduce_sum(out) if world > 1 else out
+
+
+def topk_sharded(
+    queries: torch.Tensor,
+    keys: Features,
+    k: int,
+    *,
+    largest: bool = True,
+    query_block_size: int = 1024,
+    block_size: int = 8192,
+    dtype: torch.dtype = torch.float32,
+    transform=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk` with each rank taking the top k of its key blocks and the candidates of all
+    ranks merged (ties to the lower key index, as in one process)."""
+    n = keys.shape[0]
+    check_k(k, n)
+    rank, world = rank_and_world()
+    rows = _my_blocks(n, block_size) if world > 1 else range(n)
+    values = torch.full((queries.shape[0], k), float("-inf") if largest else float("inf"), dtype=dtype, device=queries.device)
+    indices = torch.full((queries.shape[0], k), n, dtype=torch.int64, device=queries.device)
+    part = keys[rows.start : rows.stop]
+    for qs in range(0, queries.shape[0] if len(rows) else 0, query_block_size):
+        blocks = iter_score_blocks(
+            queries[qs : qs + query_block_size], part, block_size=block_size, dtype=dtype,
+            transform=_shifted(transform, rows.start),
+        )
+        v, i = merge_topk(blocks, min(k, len(rows)), largest=largest)
+        values[qs : qs + v.shape[0], : v.shape[1]] = v
+        indices[qs : qs + v.shape[0], : v.shape[1]] = i + rows.start
+    if world == 1:
+        return values, indices
+    # Sorted by key index first, a stable sort by value keeps ties at the lower index, as in one
+    # process; the padding (index n) goes after every real key of the same value.
+    all_v = torch.cat(_all_gather(values), dim=1)
+    all_i = torch.cat(_all_gather(indices), dim=1)
+    order = torch.argsort(all_i, dim=1, stable=True)
+    all_v, all_i = all_v.gather(1, order), all_i.gather(1, order)
+    order = torch.argsort(-all_v if largest else all_v, dim=1, stable=True)[:, :k]
+    return all_v.gather(1, order), all_i.gather(1, order)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
