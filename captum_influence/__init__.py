@@ -6,6 +6,7 @@ Which training examples made a model say this (TRAK, TracIn) and which input fea
 
 from ._backend import Projector, per_example_grads
 from . import metrics, tasks, visualization
+from .completeness import CompletenessReport, check_completeness
 from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
 from .output_selection import find_output_nonlinearities, select_output
 from .rrr import RRRLoss
@@ -14,12 +15,14 @@ from .tracin import TracInCP, TracInCPFast
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompletenessReport",
     "IntegratedGradients",
     "LayerIntegratedGradients",
     "Projector",
     "RRRLoss",
     "TracInCP",
     "TracInCPFast",
+    "check_completeness",
     "find_output_nonlinearities",
     "metrics",
     "per_example_grads",

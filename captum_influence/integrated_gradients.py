@@ -1,0 +1,439 @@
+"""Integrated Gradients (Sundararajan et al., 2017) whose completeness is measured, and reached on request.
+
+    IG_i(x) = (x_i - x'_i) * int_0^1 dF(x' + a (x - x')) / dx_i da  ~  (x_i - x'_i) * sum_k w_k g_i(a_k)
+
+with quadrature nodes a_k and weights w_k (Captum's rules). Completeness says sum_i IG_i(x) =
+F(x) - F(x'); the residual ``delta`` is the quadrature error. Every path gradient comes from the
+shared backend's ``input_grads``, one autograd call per chunk of ``internal_batch_size`` points.
+``n_steps="auto"`` doubles the steps of the examples whose |delta| exceeds
+``completeness_rtol * |F(x) - F(x')|`` until all meet it or ``max_steps`` is reached; nested rules
+(the Riemann sums) keep the gradients already taken. ``LayerIntegratedGradients`` integrates along
+the straight path between a layer's values at x' and at x, with the same check.
+
+Example::
+
+    ig = ci.IntegratedGradients(ci.select_output(model, "logits"))
+    attr = ig.attribute(x, target=y, n_steps="auto")
+    ig.convergence.not_converged        # [] when every example meets the tolerance
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Optional, Union
+
+import torch
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
+from captum.log import log_usage
+from torch import nn
+
+from ._attr_args import format_args, format_baselines, format_inputs, select_targets, take, target_index
+from ._backend import input_grads
+from .completeness import CompletenessWarning, _relative_error, _within
+
+Tensors = tuple[torch.Tensor, ...]
+Steps = Union[int, str]
+
+_DEFAULT_RTOL = 1e-3
+_FIRST_AUTO_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """Completeness of the last ``attribute`` call, per example: ``delta = sum(attr) - output_change``,
+    with ``output_change = F(x) - F(x')``.
+
+    ``n_steps`` is the number of quadrature steps each example got; ``converged`` is
+    |delta| <= rtol * |F(x) - F(x')| + atol (rtol is ``completeness_rtol``, 1e-3 when not given)."""
+
+    n_steps: torch.Tensor
+    delta: torch.Tensor
+    output_change: torch.Tensor
+    relative_error: torch.Tensor
+    converged: torch.Tensor
+    rtol: float
+    atol: float
+
+    @property
+    def not_converged(self) -> list[int]:
+        """Indices of the examples that miss the tolerance."""
+        return (~self.converged).nonzero().flatten().tolist()
+
+
+@dataclass(frozen=True)
+class _Path:
+    """Straight paths start[b] -> end[b], and ``output(rows, points) -> Tensor[len(rows)]``, the attributed scalar
+    of examples ``rows`` at ``points``."""
+
+    start: Tensors
+    end: Tensors
+    output: Callable[[torch.Tensor, Tensors], torch.Tensor]
+
+
+@lru_cache(maxsize=None)
+def _rule(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captum's quadrature nodes a_k in [0, 1] and weights w_k for ``method`` with ``n_steps`` nodes
+    (cached: Gauss-Legendre nodes cost an eigendecomposition, and refinement asks for the same rules again)."""
+    step_sizes, alphas = approximation_parameters(method)
+    return torch.tensor(alphas(n_steps), dtype=torch.float64), torch.tensor(step_sizes(n_steps), dtype=torch.float64)
+
+
+@lru_cache(maxsize=None)
+def _refinement(method: str, n_steps: int) -> tuple[int, Optional[tuple[float, torch.Tensor]]]:
+    """The next step count and, when its rule contains the current nodes with weights scaled by one factor
+    c, ``(c, mask of its new nodes)``: then sum_k' w'_k' g(a'_k') = c * (current sum) + the new nodes' part."""
+    alphas, weights = _rule(method, n_steps)
+    for candidate in (c for c in (2 * n_steps - 1, 2 * n_steps) if c > n_steps):
+        new_alphas, new_weights = _rule(method, candidate)
+        gap, match = (new_alphas[None, :] - alphas[:, None]).abs().min(dim=1)
+        ratio = new_weights[match] / weights
+        if gap.max() < 1e-6 and (ratio - ratio[0]).abs().max() < 1e-9:
+            fresh = torch.ones(candidate, dtype=torch.bool)
+            fresh[match] = False
+            return candidate, (float(ratio[0]), fresh)
+    return 2 * n_steps, None
+
+
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per row) shaped to broadcast over the rows of ``like``."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _weighted_grad_sum(
+    path: _Path, rows: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor, chunk_size: Optional[int]
+) -> Tensors:
+    """sum_k w_k dF/dz at z = start + a_k (end - start), for each example in ``rows``; the len(rows) * len(alphas)
+    points go through ``input_grads`` ``chunk_size`` at a time (all at once when None)."""
+    m, total = len(rows), len(rows) * len(alphas)
+    sums = tuple(torch.zeros((m, *e.shape[1:]), dtype=e.dtype, device=e.device) for e in path.end)
+    step = chunk_size or total
+    for lo in range(0, total, step):
+        point = torch.arange(lo, min(lo + step, total))
+        node, slot = point // m, point % m
+        example = rows[slot]
+        points = tuple(
+            s[example] + _column(alphas[node], s) * (e[example] - s[example]) for s, e in zip(path.start, path.end)
+        )
+        grads = input_grads(lambda *z: path.output(example, z), points)
+        for acc, g in zip(sums, grads):
+            acc.index_add_(0, slot.to(g.device), g * _column(weights[node], g))
+    return sums
+
+
+def _outputs_at(path: _Path, points: Tensors, chunk_size: Optional[int]) -> torch.Tensor:
+    """The attributed output at ``points`` (one row per example), without gradients."""
+    rows = torch.arange(points[0].shape[0])
+    with torch.no_grad():
+        return torch.cat([path.output(r, tuple(p[r] for p in points)) for r in rows.split(chunk_size or len(rows))])
+
+
+def _delta(diff: Tensors, sums: Tensors, change: torch.Tensor) -> torch.Tensor:
+    """sum_i (x - x')_i * sums_i - (F(x) - F(x')), per example, accumulated in float64."""
+    total = sum(
+        (d * s).reshape(len(d), -1).sum(dim=1, dtype=torch.float64).to(change.device) for d, s in zip(diff, sums)
+    )
+    return total - change.to(torch.float64)
+
+
+def _refine(
+    path: _Path, diff: Tensors, change: torch.Tensor, method: str, chunk_size: Optional[int], rtol: float,
+    atol: float, max_steps: int,
+) -> tuple[Tensors, torch.Tensor]:
+    """Path integrals whose steps double, per example, until |delta| <= rtol |F(x) - F(x')| + atol or the next
+    count would pass ``max_steps``; returns the sums and each example's final step count."""
+    n = len(change)
+    sums = tuple(torch.zeros(e.shape, dtype=e.dtype, device=e.device) for e in path.end)
+    steps = torch.zeros(n, dtype=torch.long)
+    active, current, reuse = torch.arange(n), min(_FIRST_AUTO_STEPS, max_steps), None
+    while len(active) and current <= max_steps:
+        alphas, weights = _rule(method, current)
+        # A nested rule adds only its new nodes to the rescaled sum so far; any other starts afresh.
+        fresh = reuse[1] if reuse is not None else torch.ones(current, dtype=torch.bool)
+        part = _weighted_grad_sum(path, active, alphas[fresh], weights[fresh], chunk_size)
+        for acc, p in zip(sums, part):
+            acc[active] = p if reuse is None else reuse[0] * acc[active] + p
+        steps[active] = current
+        now = change[active]
+        done = _within(_delta(tuple(d[active] for d in diff), tuple(s[active] for s in sums), now), now, rtol, atol)
+        active = active[~done.cpu()]
+        current, reuse = _refinement(method, current)
+    return sums, steps
+
+
+def _integrate(
+    path: _Path, n_steps: Steps, method: str, chunk_size: Optional[int], rtol: float, atol: float, max_steps: int
+) -> tuple[Tensors, Convergence]:
+    """The path integrals sum_k w_k grad F(z_k) per example, with fixed or refined steps, and their completeness."""
+    n = path.end[0].shape[0]
+    change = _outputs_at(path, path.end, chunk_size) - _outputs_at(path, path.start, chunk_size)
+    if not torch.isfinite(change).all():
+        bad = (~torch.isfinite(change)).nonzero().flatten().tolist()
+        raise ValueError(f"forward_func: the output is not finite at the inputs or baselines of examples {bad}.")
+    diff = tuple(e - s for s, e in zip(path.start, path.end))
+    if n_steps == "auto":
+        sums, steps = _refine(path, diff, change, method, chunk_size, rtol, atol, max_steps)
+    else:
+        sums = _weighted_grad_sum(path, torch.arange(n), *_rule(method, n_steps), chunk_size)
+        steps = torch.full((n,), n_steps)
+    finite = torch.stack([torch.isfinite(s.reshape(n, -1)).all(dim=1) for s in sums]).all(dim=0).cpu()
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"forward_func: its gradient along the path is not finite for examples {bad}.")
+    delta = _delta(diff, sums, change)
+    change = change.to(delta.dtype)
+    return sums, Convergence(
+        n_steps=steps,
+        delta=delta,
+        output_change=change,
+        relative_error=_relative_error(delta, change),
+        converged=_within(delta, change, rtol, atol).cpu(),
+        rtol=rtol,
+        atol=atol,
+    )
+
+
+def _check_settings(
+    n_steps: Any, method: Any, internal_batch_size: Any, rtol: Any, atol: Any, max_steps: Any
+) -> None:
+    if method not in SUPPORTED_METHODS:
+        raise ValueError(f"method: expected one of {SUPPORTED_METHODS}; got {method!r}.")
+    fewest = 2 if method.startswith("riemann") else 1
+    if not _is_int(max_steps) or max_steps < fewest:
+        raise ValueError(f"max_steps: expected an int >= {fewest} for method {method!r}; got {max_steps!r}.")
+    if n_steps != "auto" and (not _is_int(n_steps) or n_steps < fewest):
+        raise ValueError(f"n_steps: expected an int >= {fewest} for method {method!r}, or 'auto'; got {n_steps!r}.")
+    if internal_batch_size is not None and (not _is_int(internal_batch_size) or internal_batch_size < 1):
+        raise ValueError(f"internal_batch_size: expected a positive int or None; got {internal_batch_size!r}.")
+    if rtol is not None and (not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not rtol > 0):
+        raise ValueError(f"completeness_rtol: expected a positive float or None; got {rtol!r}.")
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
+        raise ValueError(f"completeness_atol: expected a float >= 0; got {atol!r}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _report(convergence: Convergence, what: str) -> None:
+    missed = convergence.not_converged
+    if missed:
+        worst = float(convergence.relative_error[missed].max())
+        warnings.warn(
+            f"{what}: attributions miss completeness for examples {missed} (relative error up to {worst:.3g} > "
+            f"rtol {convergence.rtol:g} with up to {int(convergence.n_steps.max())} steps); raise max_steps, use "
+            "n_steps='auto', or look for the cause with ci.check_completeness.",
+            CompletenessWarning,
+            stacklevel=5,
+        )
+
+
+def _check_forward(forward_func: Any) -> None:
+    if not callable(forward_func):
+        raise TypeError(
+            f"forward_func: expected a callable (a model or a function); got {type(forward_func).__name__}."
+        )
+
+
+class _PathIntegral:
+    """What both classes share: integrate along a path, check completeness, shape the result."""
+
+    _multiply_by_inputs: bool
+    convergence: Optional[Convergence]
+
+    def _attribute_path(
+        self, path: _Path, n_steps: Steps, method: str, internal_batch_size: Optional[int],
+        completeness_rtol: Optional[float], completeness_atol: float, max_steps: int,
+        return_convergence_delta: bool, as_tuple: bool,
+    ) -> Any:
+        rtol = _DEFAULT_RTOL if completeness_rtol is None else float(completeness_rtol)
+        sums, self.convergence = _integrate(
+            path, n_steps, method, internal_batch_size, rtol, completeness_atol, max_steps
+        )
+        if n_steps == "auto" or completeness_rtol is not None:
+            _report(self.convergence, type(self).__name__)
+        if self._multiply_by_inputs:
+            sums = tuple((e - s) * g for s, e, g in zip(path.start, path.end, sums))
+        result = sums if as_tuple else sums[0]
+        return (result, self.convergence.delta.to(path.end[0].dtype)) if return_convergence_delta else result
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+
+class IntegratedGradients(_PathIntegral, GradientAttribution):
+    """Integrated Gradients with Captum's interface, batched path gradients and a completeness guarantee.
+
+    ``attribute`` returns IG(x) shaped like ``inputs`` (and delta per example with
+    ``return_convergence_delta=True``); ``self.convergence`` holds the last call's per-example
+    delta, relative error, steps and whether the tolerance was met."""
+
+    def __init__(self, forward_func: Callable[..., torch.Tensor], multiply_by_inputs: bool = True) -> None:
+        _check_forward(forward_func)
+        GradientAttribution.__init__(self, forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+        self.convergence = None
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[torch.Tensor, Tensors],
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: Steps = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: Optional[int] = None,
+        return_convergence_delta: bool = False,
+        completeness_rtol: Optional[float] = None,
+        *,
+        completeness_atol: float = 1e-6,
+        max_steps: int = 1024,
+    ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
+        """IG of the output chosen by ``target`` (Captum's forms) with respect to ``inputs``.
+
+        n_steps: quadrature steps, or "auto" to refine each example until |delta| <=
+        completeness_rtol * |F(x) - F(x')| + completeness_atol (rtol 1e-3 by default), doubling up to
+        ``max_steps``. Examples still missing the tolerance raise a ``CompletenessWarning``
+        (also with a fixed n_steps when ``completeness_rtol`` is given). ``internal_batch_size``
+        bounds the path points per gradient call. The returned delta always measures the
+        integral, sum((x - x') * avg grad), also when ``multiply_by_inputs=False``."""
+        _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
+        x, as_tuple = format_inputs(inputs)
+        n = x[0].shape[0]
+        args = format_args(additional_forward_args, n)
+        index = target_index(target, n)
+
+        def output(rows: torch.Tensor, points: Tensors) -> torch.Tensor:
+            picked = None if index is None else index[rows]
+            return select_targets(self.forward_func(*points, *take(args, rows)), picked)
+
+        path = _Path(start=format_baselines(baselines, x), end=x, output=output)
+        return self._attribute_path(
+            path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
+            return_convergence_delta, as_tuple,
+        )
+
+
+class _Swap:
+    """Hooks that capture, or replace, the value at ``layer`` (its output, or its input with ``at_input``)."""
+
+    def __init__(
+        self, layer: nn.Module, at_input: bool, replacement: Optional[Tensors] = None, as_tuple: bool = True
+    ) -> None:
+        self.layer, self.at_input, self.replacement, self.as_tuple = layer, at_input, replacement, as_tuple
+        self.seen: list[Tensors] = []
+        self.output_is_tuple = False
+
+    def _pre(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+        self.seen.append(tuple(args))
+        return self.replacement
+
+    def _post(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        self.output_is_tuple = isinstance(out, tuple)
+        self.seen.append(out if self.output_is_tuple else (out,))
+        if self.replacement is None:
+            return None
+        return self.replacement if self.as_tuple else self.replacement[0]
+
+    def __enter__(self) -> "_Swap":
+        if self.at_input:
+            self.handle = self.layer.register_forward_pre_hook(self._pre)
+        else:
+            self.handle = self.layer.register_forward_hook(self._post)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribution):
+    """Integrated Gradients to a layer's output (or input), with the same completeness check.
+
+    With a(x) the layer's value, LIG_j(x) = (a_j(x) - a_j(x')) * int_0^1 dF/da_j (a(x') + t (a(x) - a(x'))) dt,
+    the layer's value replaced by a forward hook; sum_j LIG_j(x) = F(x) - F(x') when F depends on
+    the inputs only through the layer."""
+
+    def __init__(
+        self,
+        forward_func: Callable[..., torch.Tensor],
+        layer: nn.Module,
+        device_ids: Optional[list[int]] = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        _check_forward(forward_func)
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer: expected one torch.nn.Module; got {type(layer).__name__}.")
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+        self.convergence = None
+
+    def _layer_values(
+        self, x: Tensors, args: tuple, at_input: bool, chunk_size: Optional[int]
+    ) -> tuple[Tensors, bool]:
+        """The layer's value for each example (a tuple of tensors) and whether it is a tuple in the model."""
+        rows, parts, as_tuple = torch.arange(x[0].shape[0]), [], False
+        with torch.no_grad():
+            for r in rows.split(chunk_size or len(rows)):
+                with _Swap(self.layer, at_input) as swap:
+                    self.forward_func(*(t[r] for t in x), *take(args, r))
+                if len(swap.seen) != 1:
+                    raise ValueError(
+                        f"layer: {type(self.layer).__name__} ran {len(swap.seen)} times in one forward pass; layer "
+                        "attribution needs a layer that runs exactly once."
+                    )
+                value = swap.seen[0]
+                if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
+                    raise TypeError(f"layer: its {'input' if at_input else 'output'} must be floating-point tensors.")
+                parts.append(value)
+                as_tuple = swap.output_is_tuple
+        return tuple(torch.cat(column) for column in zip(*parts)), as_tuple
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[torch.Tensor, Tensors],
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: Steps = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: Optional[int] = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        completeness_rtol: Optional[float] = None,
+        *,
+        completeness_atol: float = 1e-6,
+        max_steps: int = 1024,
+    ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
+        """Layer IG of the output chosen by ``target``; shaped like the layer's value (a tensor when it is one).
+
+        Arguments as in ``IntegratedGradients.attribute``; inputs may be integer (token ids) since
+        the path runs through the layer's values."""
+        _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
+        x, _ = format_inputs(inputs, floating=False)
+        n = x[0].shape[0]
+        args = format_args(additional_forward_args, n)
+        index = target_index(target, n)
+        at_input = attribute_to_layer_input
+        start, _ = self._layer_values(format_baselines(baselines, x), args, at_input, internal_batch_size)
+        end, as_tuple = self._layer_values(x, args, at_input, internal_batch_size)
+
+        def output(rows: torch.Tensor, points: Tensors) -> torch.Tensor:
+            picked = None if index is None else index[rows]
+            with _Swap(self.layer, attribute_to_layer_input, points, as_tuple):
+                out = self.forward_func(*(t[rows] for t in x), *take(args, rows))
+            return select_targets(out, picked)
+
+        path = _Path(start=start, end=end, output=output)
+        return self._attribute_path(
+            path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
+            return_convergence_delta, len(end) > 1,
+        )
