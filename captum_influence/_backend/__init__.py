@@ -7,7 +7,7 @@ from .layer_grads import LayerGrads, layer_per_example_grads, projected_grads
 from .params import param_shapes, select_param_names
 from .projector import Projector
 from .scoring import check_k, iter_score_blocks, merge_topk, scores, topk
-from .sharding import fill_rows_sharded, rank_and_world, scores_sharded, shard_range, topk_sharded
+from .sharding import fill_rows_sharded, rank_and_world, scores_sharded, shard_range, shared_array, topk_sharded
 from .solve import auto_damping, cholesky_solve, damped_cholesky, damped_solve, gram
 from .store import FeatureStore, fill_rows, release_pages
 
@@ -39,6 +39,7 @@ __all__ = [
     "scores_sharded",
     "select_param_names",
     "shard_range",
+    "shared_array",
     "topk",
     "topk_sharded",
 ]

@@ -65,7 +65,9 @@ class Projector:
     "identity" (no projection; ``projection_dim`` must be None or grad_dim). The same ``seed`` gives
     the same matrix on any device and for any batch size or chunking of the calls.
     Memory: one block of ``block_rows x projection_dim`` entries at a time, plus a cache of generated
-    blocks up to ``cache_bytes`` (so small problems generate the matrix once).
+    blocks up to ``cache_bytes`` (so small problems generate the matrix once). By default 512 MiB,
+    or on a GPU a quarter of its free memory: there the whole matrix usually fits, and generating
+    it again for every batch would cost far more than the products.
 
     Example::
 
@@ -83,7 +85,7 @@ class Projector:
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device, None] = None,
         block_rows: Optional[int] = None,
-        cache_bytes: int = 512 * 2**20,
+        cache_bytes: Optional[int] = None,
     ):
         if kind not in _KINDS:
             raise ValueError(f"kind: expected one of {_KINDS}; got {kind!r}.")
@@ -109,6 +111,9 @@ class Projector:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         bytes_per_row = projection_dim * torch.finfo(dtype).bits // 8
         self.block_rows = block_rows or max(1, min(self.grad_dim, (32 * 2**20) // bytes_per_row))
+        if cache_bytes is None:
+            on_gpu = self.device.type == "cuda"
+            cache_bytes = torch.cuda.mem_get_info(self.device)[0] // 4 if on_gpu else 512 * 2**20
         self.cache_bytes = cache_bytes
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._scale = 1.0 / math.sqrt(projection_dim)

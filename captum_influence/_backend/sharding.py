@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler, Subset
@@ -87,6 +88,17 @@ def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [p.to(tensor.device) for p in parts]
 
 
+def shared_array(store: FeatureStore, name: str, shape: tuple, dtype=np.float32) -> np.memmap:
+    """``store.array(name, shape, dtype)`` opened by every rank: rank 0 creates a missing file
+    first, so that no rank opens a half-written file or truncates rows another rank wrote."""
+    if rank_and_world()[1] == 1:
+        return store.array(name, shape, dtype)
+    if dist.get_rank() == 0:
+        store.array(name, shape, dtype)
+    dist.barrier()
+    return store.array(name, shape, dtype)
+
+
 def fill_rows_sharded(
     loader: DataLoader,
     compute: Callable[[tuple], torch.Tensor],
@@ -113,11 +125,9 @@ def fill_rows_sharded(
     items = iter_loader_shard(loader, mine)
     items = batches(items) if batches is not None else items
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    if world > 1 and store is not None:
-        if rank == 0:  # one rank creates the files, so no rank truncates another's rows
-            store.array(name, (n_rows, dim), np_dtype)
-            store.flags(name, n_batches)
-        dist.barrier()
+    if store is not None:
+        shared_array(store, name, (n_rows, dim), np_dtype)
+        shared_array(store, f"{name}.done", (n_batches,), np.uint8)
     out = fill_rows(
         items, compute, n_rows=n_rows, dim=dim, n_batches=n_batches, store=store, name=name,
         dtype=dtype, show_progress=show_progress, desc=desc, indices=mine,
