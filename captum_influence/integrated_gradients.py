@@ -119,8 +119,19 @@ def _weighted_grad_sum(
         )
         grads = input_grads(lambda *z: path.output(example, z), points)
         for acc, g in zip(sums, grads):
-            acc.index_add_(0, slot.to(g.device), g * _column(weights[node], g))
+            _add_by_node(acc, g * _column(weights[node], g), lo, m)
     return sums
+
+
+def _add_by_node(acc: torch.Tensor, values: torch.Tensor, first: int, m: int) -> None:
+    """acc[p % m] += values[p - first] for the node-major points p = first, first + 1, ...: one slice per node
+    (index_add_ with repeated indices is orders of magnitude slower on CPU)."""
+    done = 0
+    while done < len(values):
+        slot = (first + done) % m
+        count = min(m - slot, len(values) - done)
+        acc[slot : slot + count] += values[done : done + count]
+        done += count
 
 
 def _outputs_at(path: _Path, points: Tensors, chunk_size: Optional[int]) -> torch.Tensor:
