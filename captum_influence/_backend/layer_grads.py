@@ -157,8 +157,8 @@ def _unsupported(module: nn.Module) -> Optional[str]:
     Types match exactly: a subclass may compute something else in its own forward."""
     if type(module) not in _RULES:
         return f"no exact per-example rule for {type(module).__name__}"
-    if isinstance(module, _NORMS) and (module.training or module.running_mean is None):
-        return "BatchNorm normalises with batch statistics here (training mode or no running stats)"
+    if isinstance(module, _NORMS) and module.running_mean is None:  # training mode raises, as for vmap
+        return "BatchNorm without running statistics normalises with the batch's"
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         return "scale_grad_by_freq scales by counts over the whole batch"
     return None
