@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -24,7 +25,9 @@ def _normalise(metadata: dict) -> dict:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary name of its own, so that processes writing the same file (ranks of one job
+    # saving the same metadata) never move each other's half-written file into place.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     write(str(tmp))
     os.replace(tmp, path)
 
