@@ -11,6 +11,7 @@ from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
 from .output_selection import find_output_nonlinearities, select_output
 from .rrr import RRRLoss
 from .tracin import TracInCP, TracInCPFast
+from .trak import TRAK
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "Projector",
     "RRRLoss",
+    "TRAK",
     "TracInCP",
     "TracInCPFast",
     "check_completeness",

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, fill_rows, scores, topk
+from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
 from ._data import as_loader, iter_batches, split_batch, to_device
 
@@ -139,12 +140,11 @@ class GradientFeatureInfluence(DataInfluence):
         return KMostInfluentialResults(indices, values)
 
     @staticmethod
-    def _rowwise_scores(queries: torch.Tensor, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192) -> torch.Tensor:
-        """Self-influence style scores <q_i, k_i> * w_i for aligned rows, a block of rows at a time."""
+    def _rowwise_scores(queries: Features, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192) -> torch.Tensor:
+        """Self-influence style scores <q_i, k_i> * w_i for aligned rows (tensors or memmaps), a block of rows at a time."""
         out = torch.empty(queries.shape[0], dtype=torch.float32)
         for start in range(0, queries.shape[0], block_size):
             stop = min(start + block_size, queries.shape[0])
-            k = keys[start:stop]
-            k = torch.from_numpy(np.ascontiguousarray(k)) if isinstance(k, np.ndarray) else k
-            out[start:stop] = (queries[start:stop].to(torch.float64) * k.to(queries.device, torch.float64)).sum(1).cpu()
+            q = as_tensor_block(queries, start, stop, torch.float64)
+            out[start:stop] = (q * as_tensor_block(keys, start, stop, torch.float64, q.device)).sum(1).cpu()
         return out if weights is None else out * weights.to(out)

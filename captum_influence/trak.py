@@ -1,0 +1,366 @@
+"""TRAK (Park et al., 2023): data attribution from projected gradients of an ensemble of models.
+
+For checkpoints m = 1..M, the model output function f (the margin for classification), a seeded
+projection P_m and damping lambda_m:
+
+    phi_m(z) = P_m^T grad_theta f(z; theta_m)                   (k,)
+    Phi_m    = [phi_m(z_1); ...; phi_m(z_n)],  G_m = Phi_m^T Phi_m   (n_train, k), (k, k)
+    Q_m(i)   = -dL/df at z_i                                    (1 - p_i for classification)
+    tau(z, z_i) = [1/M sum_m phi_m(z)^T (G_m + lambda_m I)^{-1} phi_m(z_i)] * [1/M sum_m Q_m(i)]
+
+G_m is accumulated in float64 and factored by Cholesky, L_m L_m^T = G_m + lambda_m I. With
+psi_m(z) = L_m^{-1} phi_m(z) / sqrt(M), the bracket is the dot product <psi(z), psi(z_i)> of the
+concatenated psi_m: these are the intermediate quantities, and the training side is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names
+from ._backend.solve import Features, as_tensor_block
+from ._checkpoints import LoadFunc
+from ._influence import GradientFeatureInfluence
+from .tasks import ModelOutput, get_task
+
+# "auto" damping: lambda = _AUTO_DAMPING * trace(G) / n_train, the mean squared norm of the features
+# (the mean eigenvalue of the n x n kernel Phi Phi^T). Unlike trace(G) / k it does not shrink as the
+# projection grows, so k >= n_train stays well posed; on digits LDS is flat for 1 <= factor <= 3.
+_AUTO_DAMPING = 1.0
+# "auto" projection: exact gradients up to this many parameters, else a projection to this many.
+_AUTO_PROJECTION_DIM = 2048
+_INVERSE_SCALINGS = ("none", "mean_abs")
+
+
+@dataclass
+class _Solve:
+    """The per-checkpoint solve: ``psi = coef * L^{-1} phi`` with L L^T = G + damping I."""
+
+    factor: torch.Tensor  # L, lower triangular, float64 (k, k)
+    damping: float
+    coef: float
+
+    def whiten(self, phi: torch.Tensor) -> torch.Tensor:
+        """(B, k) features -> (B, k) whitened features in float64."""
+        factor = self.factor.to(phi.device)
+        psi = torch.linalg.solve_triangular(factor, phi.to(factor.dtype).T, upper=False).T
+        return psi * self.coef
+
+
+def _solve_for(
+    features: Features,
+    damping: Union[float, str],
+    *,
+    n_checkpoints: int = 1,
+    inverse_scaling: str = "none",
+    device=None,
+) -> _Solve:
+    """Gram matrix (float64), damping and Cholesky factor of one checkpoint's features (n, k).
+
+    ``inverse_scaling="mean_abs"`` divides (G + lambda I)^{-1} by the mean absolute value of its
+    entries, the weighting used by the reference TRAK library; "none" follows the paper.
+    """
+    g = gram(features, dtype=torch.float64, device=device)
+    lam = float(damping) if damping != "auto" else _AUTO_DAMPING * float(torch.diagonal(g).sum()) / features.shape[0]
+    if damping == "auto" and lam == 0:
+        raise ValueError("train_dataset: every per-example gradient is zero, so there is nothing to attribute.")
+    factor = damped_cholesky(g, lam)
+    scale = 1.0
+    if inverse_scaling == "mean_abs":
+        scale = 1.0 / float(torch.cholesky_inverse(factor).abs().mean())
+    return _Solve(factor, lam, math.sqrt(scale / n_checkpoints))
+
+
+def _auto_projection_dim(grad_dim: int) -> Optional[int]:
+    """The "auto" rule: None (exact gradients) for at most 2048 parameters, else a projection
+    to 2048. Measured on digits, LDS grows with k when the damping is
+    "auto", so k is set by cost: G is k x k and the keys n_train x k per checkpoint."""
+    return None if grad_dim <= _AUTO_PROJECTION_DIM else _AUTO_PROJECTION_DIM
+
+
+def _checkpoint_seed(seed: int, index: int) -> int:
+    """An independent projection seed per (seed, checkpoint)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _checkpoint_identity(checkpoint: Any) -> Any:
+    if isinstance(checkpoint, dict):
+        h = hashlib.sha256()
+        for name, value in checkpoint.items():
+            h.update(str(name).encode())
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+        return {"state_dict_sha256": h.hexdigest()}
+    stat = os.stat(checkpoint)
+    return {"path": str(Path(checkpoint).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _task_identity(task: ModelOutput) -> dict:
+    """The task's class and scalar settings (tensors it derives per checkpoint are left out)."""
+    settings = {k: v for k, v in vars(task).items() if isinstance(v, (int, float, str, bool, type(None), tuple))}
+    return {"class": f"{type(task).__module__}.{type(task).__qualname__}", "settings": settings}
+
+
+class TRAK(GradientFeatureInfluence):
+    r"""TRAK scores of training examples for test examples, ensembled over checkpoints.
+
+    .. math::
+        \tau(z, z_i) = \Big[\tfrac1M \sum_m \phi_m(z)^\top (\Phi_m^\top\Phi_m + \lambda_m I)^{-1}
+        \phi_m(z_i)\Big] \cdot \tfrac1M \sum_m Q_m(z_i)
+
+    with phi_m the projected per-example gradient of the task's output function f at checkpoint
+    m and Q_m = -dL/df (see the module docstring). Positive: z_i raises f(z).
+
+    Args:
+        model: the network; ``model(*batch[:-1])`` gives its output.
+        train_dataset: Dataset or fixed-order DataLoader of ``(*inputs, labels)`` tuples.
+        checkpoints: a directory, paths or state dicts (the M models of the ensemble, weighted
+            equally: the weight returned by ``checkpoints_load_func`` is not used by TRAK).
+        checkpoints_load_func: ``(model, checkpoint) -> float`` loading in place.
+        task: a ``ModelOutput`` (instance, subclass or name, see ``captum_influence.tasks``).
+        projection_dim: int k, None (exact gradients, no projection), or "auto": exact gradients
+            for models with at most 2048 parameters (in ``layers``), else a projection to 2048.
+        damping: lambda >= 0, or "auto": per checkpoint, trace(G_m) / n_train (the mean squared
+            feature norm), which keeps the solve well posed when k >= n_train, where G_m is singular.
+        layers: parameter names, module paths or modules to differentiate (default: all trainable).
+        batch_size: examples per gradient batch.
+        store_dir: directory for the features, factors and keys (memory-mapped); a killed run
+            resumes there, and a store made with other settings is refused.
+        device: where gradients are computed (default: the model's).
+        seed: projection seed; checkpoint m uses an independent projection derived from (seed, m).
+        show_progress: tqdm bars over checkpoints and batches.
+        inverse_scaling: "none" (the paper) or "mean_abs": divide each (G_m + lambda I)^{-1} by
+            the mean absolute value of its entries before averaging, as the reference library does.
+
+    Example::
+
+        >>> trak = TRAK(model, train_set, ["ckpt0.pt", "ckpt1.pt"], projection_dim=512)
+        >>> scores = trak.influence((x_test, y_test))          # (n_test, n_train)
+        >>> top = trak.influence((x_test, y_test), k=5)        # KMostInfluentialResults
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc] = None,
+        *,
+        task: Any = "classification",
+        projection_dim: Union[int, str, None] = "auto",
+        damping: Union[float, str] = "auto",
+        layers: Any = None,
+        batch_size: int = 64,
+        store_dir: Union[str, os.PathLike, None] = None,
+        device: Union[str, torch.device, None] = None,
+        seed: int = 0,
+        show_progress: bool = False,
+        inverse_scaling: str = "none",
+    ):
+        super().__init__(
+            model, train_dataset, checkpoints, checkpoints_load_func,
+            batch_size=batch_size, device=device, show_progress=show_progress,
+        )
+        self.task = get_task(task)
+        self.param_names = select_param_names(model, layers, arg="layers")
+        self._layer_grads = LayerGrads(model, self.param_names)
+        self.param_shapes = param_shapes(model, self.param_names)
+        grad_dim = sum(math.prod(s) for s in self.param_shapes.values())
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
+        self.seed = seed
+        self.projection_dim = self._check_projection_dim(projection_dim, grad_dim, damping)
+        self.feature_dim = self.projection_dim or grad_dim
+        if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
+                                      and math.isfinite(damping) and damping >= 0)):
+            raise ValueError(f"damping: expected a float >= 0 or 'auto'; got {damping!r}.")
+        self.damping = damping if damping == "auto" else float(damping)
+        if inverse_scaling not in _INVERSE_SCALINGS:
+            raise ValueError(f"inverse_scaling: expected one of {_INVERSE_SCALINGS}; got {inverse_scaling!r}.")
+        self.inverse_scaling = inverse_scaling
+        if store_dir is not None:
+            self.store = FeatureStore(store_dir, self._metadata())
+        self._solves: Optional[list[_Solve]] = None
+        self._keys: Optional[Features] = None
+
+    def _check_projection_dim(self, projection_dim: Any, grad_dim: int, damping: Any) -> Optional[int]:
+        if projection_dim == "auto":
+            projection_dim = _auto_projection_dim(grad_dim)
+        elif projection_dim is not None and (
+            isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0
+        ):
+            raise ValueError(f"projection_dim: expected a positive int, None or 'auto'; got {projection_dim!r}.")
+        k = projection_dim or grad_dim
+        if k > self.n_train and damping != "auto":
+            warnings.warn(
+                f"projection_dim: {k} features for {self.n_train} training examples: Phi^T Phi is "
+                f"singular and the scores rest on damping={damping!r} (damping='auto' is scaled for this)."
+            )
+        return projection_dim
+
+    def _metadata(self) -> dict:
+        """Every setting that changes the stored features, factors or keys."""
+        return {
+            "method": "TRAK",
+            "model_params": {name: list(p.shape) for name, p in self.model.named_parameters()},
+            "layers": self.param_names,
+            "checkpoints": [_checkpoint_identity(c) for c in self.checkpoints],
+            "task": _task_identity(self.task),
+            "projection": {"kind": "rademacher" if self.projection_dim else "identity",
+                           "dim": self.feature_dim, "seed": self.seed},
+            "damping": self.damping,
+            "inverse_scaling": self.inverse_scaling,
+            "n_train": self.n_train,
+            "batch_size": self.batch_size,  # the resumable unit of work
+        }
+
+    # --- features of one checkpoint ---------------------------------------------------------
+
+    def _projector(self, index: int) -> Projector:
+        if self.projection_dim is None:
+            return Projector(self.param_shapes, None, kind="identity", device=self.device)
+        return Projector(
+            self.param_shapes, self.projection_dim, seed=_checkpoint_seed(self.seed, index), device=self.device
+        )
+
+    def _output(self, model: nn.Module, *batch: Any) -> torch.Tensor:
+        return self.task.output(model, batch)
+
+    def _grads_and_q(self, projector: Projector, start: int, batch: tuple, index: int, arg: str) -> torch.Tensor:
+        """Rows ``[phi(z), Q(z)]`` of a batch, (B, k + 1), checked to be finite."""
+        n = len(batch[-1])
+        try:  # a plain forward first: a batch the model or the task cannot take fails here, clearly
+            with torch.no_grad():
+                q = self.task.out_to_loss_grad(self.model, batch).reshape(-1, 1)
+        except (IndexError, RuntimeError) as err:
+            raise ValueError(
+                f"{arg}: the task's output fails on examples {start}..{start + n - 1} at checkpoint {index} "
+                f"({type(err).__name__}: {err}); expected labels that fit the model's outputs (class "
+                "indices in [0, n_classes) for classification) and inputs of the shape the model takes."
+            ) from err
+        phi = self._layer_grads.project(self._output, batch, projector)
+        rows = torch.cat([phi, q.to(phi)], dim=1)
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()
+        if len(bad):
+            indices = (bad + start).tolist()
+            raise ValueError(
+                f"{arg}: the gradient of the model output (or dL/df) at checkpoint {index} is NaN or inf "
+                f"for example indices {indices[:20]}{' ...' if len(indices) > 20 else ''}; "
+                "these examples (or the checkpoint) need fixing before scores can be computed."
+            )
+        return rows
+
+    def _prepare(self) -> None:
+        """Let the task see the training set at the loaded checkpoint (e.g. contrastive negatives)."""
+        self.task.prepare(self.model, (batch for _, batch in self._train_batches()))
+
+    # --- training side: solves and keys -----------------------------------------------------
+
+    def _fit(self) -> tuple[list[_Solve], Features]:
+        """Featurise the training set at every checkpoint, factor G_m + lambda I, write the keys.
+
+        With a store, a checkpoint whose keys are written is not redone, and an unfinished one
+        resumes at its first unfinished batch."""
+        if self._solves is not None:
+            return self._solves, self._keys
+        n, k, count = self.n_train, self.feature_dim, len(self.checkpoints)
+        if self.store is not None:
+            keys: Features = self.store.array("keys", (n, count * k))
+            done = self.store.flags("keys", count)
+        else:
+            keys, done = torch.empty(n, count * k), np.zeros(count, dtype=np.uint8)
+        q_sum = torch.zeros(n, dtype=torch.float64)
+        solves = []
+        for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
+            if done[index]:
+                rows = self.store.array(f"grads_{index}", (n, k + 1))
+                solve = _Solve(
+                    self.store.load_tensor(f"factor_{index}").to(self.device),
+                    *self.store.load_tensor(f"solve_{index}").tolist(),
+                )
+            else:
+                self._prepare()
+                projector = self._projector(index)
+                rows = self._featurise(
+                    ((s, (s, b)) for s, b in self._train_batches()), n, k + 1,
+                    lambda item, p=projector, i=index: self._grads_and_q(p, item[0], item[1], i, "train_dataset"),
+                    name=f"grads_{index}", n_batches=len(self.train_loader), desc=f"checkpoint {index}: training set",
+                )
+                solve = _solve_for(rows[:, :k], self.damping, n_checkpoints=count,
+                                  inverse_scaling=self.inverse_scaling, device=self.device)
+                self._write_keys(rows, keys, solve, index)
+                if self.store is not None:
+                    self.store.save_tensor(f"factor_{index}", solve.factor)
+                    self.store.save_tensor(f"solve_{index}", torch.tensor([solve.damping, solve.coef], dtype=torch.float64))
+                    done[index] = 1
+                    done.flush()
+            q_sum += as_tensor_block(rows[:, k:], 0, n, torch.float64).flatten()
+            solves.append(solve)
+        self._train_weights = (q_sum / count).to(torch.float32)
+        self._solves, self._keys = solves, keys
+        return solves, keys
+
+    def _write_keys(self, rows: Features, keys: Features, solve: _Solve, index: int, block: int = 8192) -> None:
+        k = self.feature_dim
+        for start in range(0, self.n_train, block):
+            stop = min(start + block, self.n_train)
+            psi = solve.whiten(as_tensor_block(rows, start, stop, torch.float64, self.device)[:, :k]).float().cpu()
+            keys[start:stop, index * k : (index + 1) * k] = psi.numpy() if isinstance(keys, np.ndarray) else psi
+        if isinstance(keys, np.memmap):
+            keys.flush()
+
+    def _train_features(self) -> Features:
+        return self._fit()[1]
+
+    # --- query side --------------------------------------------------------------------------
+
+    def _featurise_inputs(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """psi(z) (n, M k) and the mean out-to-loss weight Q(z) (n,) of the examples in ``inputs``."""
+        solves, _ = self._fit()
+        batches, n = self._test_batches(inputs)
+        k = self.feature_dim
+        psi = torch.empty(n, len(solves) * k)
+        q_sum = torch.zeros(n, dtype=torch.float64)
+        for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
+            self._prepare()
+            projector = self._projector(index)
+            for start, batch in tqdm(batches, desc=f"checkpoint {index}: inputs", disable=not self.show_progress, leave=False):
+                rows = self._grads_and_q(projector, start, batch, index, "inputs")
+                stop = start + rows.shape[0]
+                psi[start:stop, index * k : (index + 1) * k] = solves[index].whiten(rows[:, :k]).float().cpu()
+                q_sum[start:stop] += rows[:, k].cpu().to(torch.float64)
+        return psi, (q_sum / len(solves)).to(torch.float32)
+
+    def _test_features(self, inputs: Any) -> torch.Tensor:
+        return self._featurise_inputs(inputs)[0]
+
+    def compute_intermediate_quantities(self, inputs: Any, *, as_train: bool = False) -> torch.Tensor:
+        """psi(z) = [L_m^{-1} phi_m(z) / sqrt(M)]_m, (n, M k): ``influence(z)[:, i]`` equals
+        ``psi(z) . psi(z_i) * Q(z_i)``. With ``as_train=True`` each row is multiplied by its
+        example's mean out-to-loss weight Q, so that ``psi(z) @ psi_train(x).T`` are the scores of
+        the examples x as training examples for z."""
+        psi, q = self._featurise_inputs(inputs)
+        return psi * q[:, None] if as_train else psi
+
+    def self_influence(self, inputs: Any = None) -> torch.Tensor:
+        """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None)."""
+        if inputs is None:
+            _, keys = self._fit()
+            return self._rowwise_scores(keys, keys, self._train_weights)
+        psi, q = self._featurise_inputs(inputs)
+        return self._rowwise_scores(psi, psi, q)
