@@ -1,67 +1,443 @@
-"""The end-to-end example on scikit-learn's digits (nothing downloaded)."""
+"""The end-to-end example on scikit-learn's digits (nothing downloaded): ``python -m captum_influence demo``.
+
+On digits with 5% of the training labels flipped it trains an ensemble of small MLPs (checkpoints
+of the first one on disk for TracIn) and one model per random half of the training set, then
+computes
+
+- TRAK and TracIn scores of the training digits for the test digits, their proponents and
+  opponents, and their linear datamodeling score (LDS) against the models trained on the halves;
+- self-influence, and how well it finds the flipped labels (ROC AUC);
+- Integrated Gradients of the predicted class in logits and in probabilities (``select_output``),
+  with their completeness error against the number of steps and ``check_completeness``;
+
+and writes the figures (PNG), ``report.md`` linking them with the numbers and timings,
+``metrics.json`` (the same numbers) and ``results.npz`` (the arrays behind them) to the output
+directory.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
 
-from ._backend import Projector, per_example_grads, topk
+from . import metrics, visualization
+from .completeness import check_completeness
+from .integrated_gradients import IntegratedGradients
+from .output_selection import _margins as class_margins
+from .output_selection import select_output
+from .tracin import TracInCP
+from .trak import TRAK
+
+N_TEST = 500
+FLIP_FRACTION = 0.05
+HIDDEN = 32
+EPOCHS = 30
+BATCH_SIZE = 64
+LR = 1e-2
+WEIGHT_DECAY = 1e-3
+N_MODELS = 5  # the TRAK ensemble
+CHECKPOINT_EPOCHS = (5, 10, 20, 30)  # of the first model, for TracIn
+N_SUBSETS = 64  # models on random halves, for the LDS
+K_SHOWN = 4  # proponents and opponents drawn
+N_IG = 8  # test digits explained by Integrated Gradients
+IG_STEPS = (2, 4, 8, 16, 32, 64, 128)
+IG_CHECK_STEPS = 50
+COMPLETENESS_RTOL = 1e-2
+
+
+class UsageError(ValueError):
+    """A bad argument or a missing dependency: reported on one line, without a traceback."""
 
 
 def _check_out_dir(out: str) -> Path:
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        # a real write: permission bits alone do not say it (a read-only mount, or running as root)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as err:
-        raise ValueError(f"--out: cannot create {out!r}: {err.strerror}") from err
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--out: {out!r} is not writable")
+        raise UsageError(f"--out: cannot write to {out!r}: {err.strerror or err}") from err
     return path
 
 
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device: unknown device {device!r}; use cpu or cuda") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was asked for but no GPU is available")
+    except (RuntimeError, TypeError) as err:
+        raise UsageError(f"--device: expected cpu or cuda; got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda; got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: {device!r} was asked for but no GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device: {device!r} does not exist; {torch.cuda.device_count()} GPU(s) are visible")
     return dev
 
 
-def run_demo(out: str, device: str = "cpu") -> Path:
-    """Train a softmax regression on digits, project per-example gradients, find proponents."""
-    from sklearn.datasets import load_digits
+@dataclass
+class _Digits:
+    x_train: torch.Tensor  # (n, 64) in [0, 1]
+    y_train: torch.Tensor  # the labels trained on, FLIP_FRACTION of them flipped
+    flipped: torch.Tensor  # (n,) bool
+    x_test: torch.Tensor
+    y_test: torch.Tensor
 
-    out_dir = _check_out_dir(out)
+
+def _load_digits(device: torch.device) -> _Digits:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise UsageError("the demo needs scikit-learn for its bundled digits: pip install scikit-learn") from err
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=gen)
+    train, test = order[N_TEST:], order[:N_TEST]
+    y_train = y[train].clone()
+    n_flip = int(FLIP_FRACTION * len(train))
+    flip = torch.randperm(len(train), generator=gen)[:n_flip]
+    # a different class for each flipped example: add 1..9 modulo 10
+    y_train[flip] = (y_train[flip] + torch.randint(1, 10, (n_flip,), generator=gen)) % 10
+    flipped = torch.zeros(len(train), dtype=torch.bool)
+    flipped[flip] = True
+    return _Digits(x[train].to(device), y_train.to(device), flipped, x[test].to(device), y[test].to(device))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 10))
+
+
+Params = dict[str, torch.Tensor]
+
+
+def _stacked_forward(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits of m stacked MLPs: params (m, ...) and inputs (m, B, 64) -> (m, B, 10)."""
+    base = _mlp().to("meta")
+    return vmap(lambda p, xb: functional_call(base, p, (xb,)))(params, x)
+
+
+def _train_in_lockstep(
+    data: _Digits, subsets: torch.Tensor, *, seed: int, desc: str, checkpoint_epochs: tuple[int, ...] = ()
+) -> tuple[Params, list[Params]]:
+    """Train one MLP per row of ``subsets`` (m, s) of training indices, all at once.
+
+    Minibatch Adam on each model's own shuffled subset. The loss is the sum of the m models' mean
+    losses, and Adam and weight decay act elementwise, so each model trains exactly as it would
+    alone. Returns the stacked parameters (m, ...) and the first model's state at
+    ``checkpoint_epochs``."""
+    device = data.x_train.device
+    m, size = subsets.shape
+    torch.manual_seed(seed)
+    params, _ = stack_module_state([_mlp() for _ in range(m)])
+    params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=LR, weight_decay=WEIGHT_DECAY)
+    gen = torch.Generator().manual_seed(seed)
+    checkpoints = []
+    for epoch in tqdm(range(1, EPOCHS + 1), desc=desc, unit="epoch"):
+        order = subsets.gather(1, torch.rand(m, size, generator=gen).argsort(dim=1)).to(device)
+        for idx in order.split(BATCH_SIZE, dim=1):
+            opt.zero_grad()
+            logits = _stacked_forward(params, data.x_train[idx])
+            loss = F.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten(), reduction="sum")
+            (loss / idx.shape[1]).backward()
+            opt.step()
+        if epoch in checkpoint_epochs:
+            checkpoints.append(_state(params, 0))
+    return {k: v.detach() for k, v in params.items()}, checkpoints
+
+
+def _state(params: Params, j: int) -> Params:
+    return {k: v[j].detach().clone() for k, v in params.items()}
+
+
+def _logits(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits of every stacked model on the same inputs: (m, n, 10)."""
+    with torch.no_grad():
+        return _stacked_forward(params, x.expand(next(iter(params.values())).shape[0], *x.shape))
+
+
+def _margins(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TRAK's margin log(p_y / (1 - p_y)) = g_y - logsumexp_{j != y} g_j of each model: (m, n)."""
+    margins = class_margins(_logits(params, x))
+    return margins.gather(2, y.expand(margins.shape[0], -1)[..., None])[..., 0]
+
+
+class _Timings:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
+def _first_with_flipped_opponent(scores: torch.Tensor, flipped: torch.Tensor) -> int:
+    """The first test example among whose K_SHOWN strongest opponents is a flipped training label (else 0)."""
+    opponents = scores.topk(K_SHOWN, dim=1, largest=False).indices.cpu()
+    hits = flipped[opponents].any(dim=1).nonzero().flatten()
+    return int(hits[0]) if len(hits) else 0
+
+
+def _load_with_lr(model: nn.Module, checkpoint: str) -> float:
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return LR
+
+
+def _data_attribution(
+    data: _Digits, out_dir: Path, device: torch.device, timings: _Timings
+) -> tuple[dict, dict, dict, nn.Module]:
+    """Train, score with TRAK and TracIn, self-influence, LDS. Returns (numbers, figure files, arrays, first model)."""
+    n = len(data.y_train)
+    with timings.step(f"train {N_MODELS} MLPs ({EPOCHS} epochs), save {len(CHECKPOINT_EPOCHS)} checkpoints"):
+        ensemble, checkpoints = _train_in_lockstep(
+            data, torch.arange(n).repeat(N_MODELS, 1), seed=0, desc="train the ensemble",
+            checkpoint_epochs=CHECKPOINT_EPOCHS,
+        )
+        ckpt_dir = out_dir / "checkpoints"
+        ckpt_dir.mkdir(exist_ok=True)
+        for epoch, state in zip(CHECKPOINT_EPOCHS, checkpoints):
+            torch.save(state, ckpt_dir / f"epoch_{epoch:02d}.pt")
+    accuracy = float((_logits(ensemble, data.x_test)[0].argmax(dim=1) == data.y_test).float().mean())
+
+    gen = torch.Generator().manual_seed(1)
+    halves = torch.stack([torch.randperm(n, generator=gen)[: n // 2] for _ in range(N_SUBSETS)])
+    with timings.step(f"train {N_SUBSETS} MLPs on random halves (for the LDS)"):
+        subset_params, _ = _train_in_lockstep(data, halves, seed=1000, desc="train the subset models")
+    subset_outputs = _margins(subset_params, data.x_test, data.y_test).cpu().numpy()
+    subset_masks = np.zeros((N_SUBSETS, n), dtype=bool)
+    subset_masks[np.arange(N_SUBSETS)[:, None], halves.numpy()] = True
+
+    train_set = TensorDataset(data.x_train, data.y_train)
+    test = (data.x_test, data.y_test)
+    with timings.step(f"TRAK: featurise {n} training digits on {N_MODELS} models, score {N_TEST} test digits"):
+        trak = TRAK(_mlp().to(device), train_set, [_state(ensemble, j) for j in range(N_MODELS)],
+                    batch_size=256, device=device, show_progress=True)
+        trak_scores = trak.influence(test)
+    with timings.step("TRAK: self-influence"):
+        trak_self = trak.self_influence()
+    with timings.step(f"TracIn: featurise {n} training digits on {len(CHECKPOINT_EPOCHS)} checkpoints, score {N_TEST} test digits"):
+        tracin = TracInCP(_mlp().to(device), train_set, str(ckpt_dir), _load_with_lr,
+                          batch_size=256, device=device, show_progress=True)
+        tracin_scores = tracin.influence(test)
+    with timings.step("TracIn: self-influence"):
+        tracin_self = tracin.self_influence()
+
+    flipped = data.flipped.numpy()
+    numbers = {
+        "test_accuracy": accuracy,
+        "n_train": n,
+        "n_test": N_TEST,
+        "n_flipped": int(flipped.sum()),
+        "trak_projection_dim": trak.projection_dim,
+        "lds_trak": metrics.lds(trak_scores, subset_masks, subset_outputs),
+        "lds_tracin": metrics.lds(tracin_scores, subset_masks, subset_outputs),
+        "auc_tracin_self_influence": metrics.mislabel_detection_auc(tracin_self, flipped),
+        "auc_trak_self_influence": metrics.mislabel_detection_auc(trak_self, flipped),
+    }
+    labels_cpu = data.y_train.cpu()
+    for name, scores in (("trak", trak_scores), ("tracin", tracin_scores)):
+        top = scores.topk(5, dim=1).indices.cpu()
+        numbers[f"{name}_top5_proponents_same_label"] = float((labels_cpu[top] == data.y_test.cpu()[:, None]).float().mean())
+        numbers[f"{name}_top1_opponent_flipped"] = float(data.flipped[scores.argmin(dim=1).cpu()].float().mean())
+
+    images = data.x_train.cpu().reshape(-1, 8, 8)
+    shown = _first_with_flipped_opponent(trak_scores, data.flipped)
+    numbers["shown_test_example"] = shown
+    figures = {}
+    for name, scores in (("TRAK", trak_scores), ("TracIn", tracin_scores)):
+        fig, axes = visualization.plot_influential(
+            data.x_test[shown].cpu().reshape(8, 8), images, scores[shown], k=K_SHOWN,
+            labels=labels_cpu, mislabeled=data.flipped, test_label=int(data.y_test[shown]),
+        )
+        fig.suptitle(f"{name}: proponents (top) and opponents (bottom) of test digit #{shown}", y=1.02)
+        figures[f"influential_{name.lower()}"] = _save(fig, out_dir / f"influential_{name.lower()}.png")
+    fig, _ = visualization.plot_self_influence(tracin_self, flipped)
+    figures["self_influence"] = _save(fig, out_dir / "self_influence.png")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, (name, scores) in zip(axes, (("TRAK", trak_scores), ("TracIn", tracin_scores))):
+        predicted = subset_masks.astype(np.float64) @ scores[shown].cpu().double().numpy()
+        visualization.plot_lds(predicted, subset_outputs[:, shown], ax=ax,
+                               title=f"{name}, test digit #{shown} (LDS over all {N_TEST}: {numbers['lds_' + name.lower()]:.3f})")
+    fig.tight_layout()
+    figures["lds"] = _save(fig, out_dir / "lds.png")
+    arrays = {
+        "trak_scores": trak_scores.cpu().numpy(),
+        "tracin_scores": tracin_scores.cpu().numpy(),
+        "trak_self_influence": trak_self.cpu().numpy(),
+        "tracin_self_influence": tracin_self.cpu().numpy(),
+        "is_mislabeled": flipped,
+        "subset_masks": subset_masks,
+        "subset_outputs": subset_outputs,
+    }
+    model = _mlp().to(device)
+    model.load_state_dict(_state(ensemble, 0))
+    return numbers, figures, arrays, model.eval()
+
+
+def _feature_attribution(model: nn.Module, data: _Digits, out_dir: Path, timings: _Timings) -> tuple[dict, dict, dict]:
+    """IG of the predicted class in logits and in probabilities, with completeness. Returns (numbers, figures, arrays)."""
+    x = data.x_test[:N_IG]
+    with torch.no_grad():
+        target = model(x).argmax(dim=1)
+    spaces = ("logits", "probs")
+    numbers, deltas, attributions = {}, {}, {}
+    with timings.step(f"Integrated Gradients on {N_IG} test digits: n_steps sweep, completeness checks"):
+        for space in spaces:
+            ig = IntegratedGradients(select_output(model, space))
+            rows = []
+            for n_steps in tqdm(IG_STEPS, desc=f"IG in {space}: n_steps sweep"):
+                _, delta = ig.attribute(x, target=target, n_steps=n_steps, return_convergence_delta=True)
+                rows.append(delta.detach().cpu().numpy())
+            deltas[space] = np.stack(rows)
+            report = check_completeness(ig, x, target=target, rtol=COMPLETENESS_RTOL, n_steps=IG_CHECK_STEPS)
+            numbers[f"completeness_{space}_max_relative_error"] = float(report.relative_error.max())
+            numbers[f"completeness_{space}_passed"] = report.passed
+            attributions[space] = ig.attribute(x, target=target, n_steps="auto").detach()
+            numbers[f"ig_{space}_auto_n_steps"] = int(ig.convergence.n_steps.max())
+            numbers[f"ig_{space}_auto_max_relative_error"] = float(ig.convergence.relative_error.max())
+            attributions[f"{space}_delta"] = ig.convergence.delta.detach()
+    numbers["completeness_rtol"] = COMPLETENESS_RTOL
+    numbers["ig_check_n_steps"] = IG_CHECK_STEPS
+
+    figures = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, space in zip(axes, spaces):
+        visualization.plot_completeness(IG_STEPS, deltas[space], labels=[f"digit #{i}" for i in range(N_IG)], ax=ax)
+        ax.set_title(f"IG in {space}: |sum(attr) - (F(x) - F(x'))|")
+    fig.tight_layout()
+    figures["completeness"] = _save(fig, out_dir / "completeness.png")
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
+    image = x[0].cpu().reshape(8, 8).numpy()
+    axes[0].imshow(image, cmap="gray")
+    axes[0].set_title(f"test digit #0, label {int(data.y_test[0])}\npredicted {int(target[0])}")
+    axes[0].set_axis_off()
+    for ax, space in zip(axes[1:], spaces):
+        visualization.plot_attributions(
+            attributions[space][0].cpu().reshape(8, 8), image, method="blended_heat_map", sign="all",
+            delta=attributions[f"{space}_delta"][0], title=f"IG in {space}", ax=ax,
+        )
+    fig.tight_layout()
+    figures["attributions"] = _save(fig, out_dir / "attributions.png")
+    arrays = {f"ig_deltas_{space}": deltas[space] for space in spaces}
+    arrays["ig_n_steps"] = np.array(IG_STEPS)
+    return numbers, figures, arrays
+
+
+def _report(numbers: dict, figures: dict, timings: dict, device: torch.device) -> str:
+    n = numbers
+    rtol = n["completeness_rtol"]
+    timing_rows = "\n".join(f"| {name} | {seconds:.2f} |" for name, seconds in timings.items())
+    return f"""# captum_influence demo: digits
+
+scikit-learn's digits (8x8 images, nothing downloaded): {n['n_train']} training digits, of which
+{n['n_flipped']} ({FLIP_FRACTION:.0%}) have a flipped label, and {n['n_test']} test digits. Model: an MLP
+64-{HIDDEN}-10 (tanh), Adam, {EPOCHS} epochs; an ensemble of {N_MODELS} for TRAK, checkpoints of the first at
+epochs {', '.join(map(str, CHECKPOINT_EPOCHS))} for TracIn, and {N_SUBSETS} models on random halves of the
+training set for the linear datamodeling score (LDS). Device: {device}.
+
+## Results
+
+| quantity | value |
+| --- | --- |
+| test accuracy (first model) | {n['test_accuracy']:.3f} |
+| LDS of TRAK ({N_MODELS} models, projection_dim {n['trak_projection_dim']}) | {n['lds_trak']:.3f} |
+| LDS of TracInCP ({len(CHECKPOINT_EPOCHS)} checkpoints) | {n['lds_tracin']:.3f} |
+| mislabel-detection AUC, TracIn self-influence | {n['auc_tracin_self_influence']:.3f} |
+| mislabel-detection AUC, TRAK self-influence | {n['auc_trak_self_influence']:.3f} |
+| top-5 proponents with the test label, TRAK / TracIn | {n['trak_top5_proponents_same_label']:.3f} / {n['tracin_top5_proponents_same_label']:.3f} |
+| strongest opponent is a flipped label, TRAK / TracIn (base rate {FLIP_FRACTION:.2f}) | {n['trak_top1_opponent_flipped']:.3f} / {n['tracin_top1_opponent_flipped']:.3f} |
+| IG completeness, max relative error in logits (n_steps={n['ig_check_n_steps']}, rtol {rtol:g}) | {n['completeness_logits_max_relative_error']:.2e} ({'passed' if n['completeness_logits_passed'] else 'FAILED'}) |
+| IG completeness, max relative error in probabilities (n_steps={n['ig_check_n_steps']}, rtol {rtol:g}) | {n['completeness_probs_max_relative_error']:.2e} ({'passed' if n['completeness_probs_passed'] else 'FAILED'}) |
+| IG n_steps="auto": steps needed for relative error 1e-3, logits / probabilities | {n['ig_logits_auto_n_steps']} / {n['ig_probs_auto_n_steps']} |
+
+LDS: for each test digit, the Spearman correlation between the sum of a method's scores over a
+random half of the training set and the margin of the model trained on that half, averaged over
+the {n['n_test']} test digits. The AUC is the probability that a flipped training label has a
+higher self-influence than a clean one (0.5 is chance).
+
+## Proponents and opponents
+
+Test digit #{n['shown_test_example']}, the first whose strongest opponents include a flipped label (marked in red).
+
+![TRAK proponents and opponents]({figures['influential_trak']})
+
+![TracIn proponents and opponents]({figures['influential_tracin']})
+
+## Self-influence finds the flipped labels
+
+![self-influence]({figures['self_influence']})
+
+## Linear datamodeling score
+
+![LDS]({figures['lds']})
+
+## Integrated Gradients and completeness
+
+Integrated Gradients of the predicted class, from a black baseline, in logits and in probabilities
+(`ci.select_output(model, "probs")`): |delta| = |sum(attr) - (F(x) - F(x'))| against n_steps for
+{N_IG} test digits, and the attributions of one of them (n_steps="auto").
+
+![completeness]({figures['completeness']})
+
+![attributions]({figures['attributions']})
+
+## Timings (seconds)
+
+| step | seconds |
+| --- | --- |
+{timing_rows}
+| total | {sum(timings.values()):.2f} |
+"""
+
+
+def run_demo(out: str, device: str = "cpu") -> Path:
+    """Run the digits example end to end, write figures and ``report.md`` to ``out``; return the report's path."""
     dev = _check_device(device)
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32, device=dev)
-    y = torch.tensor(digits.target, device=dev)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 10).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x[:1500]), y[:1500]).backward()
-        opt.step()
-    fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
-    start = time.perf_counter()
-    proj = Projector({n: p.shape for n, p in model.named_parameters()}, 256, seed=0, device=dev)
-    train = proj.project(per_example_grads(model, fn, (x[:1500], y[:1500]), chunk_size=500))
-    test = proj.project(per_example_grads(model, fn, (x[1500:], y[1500:])))
-    _, idx = topk(test, train, 5)
-    seconds = time.perf_counter() - start
-    same_label = (y[:1500][idx] == y[1500:, None]).float().mean().item()
+    out_dir = _check_out_dir(out)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # tiny models: a second thread costs more in hand-offs than it gains (much more on a busy machine)
+        torch.set_num_threads(1)
+    try:
+        timings = _Timings()
+        data = _load_digits(dev)
+        numbers, figures, arrays, model = _data_attribution(data, out_dir, dev, timings)
+        ig_numbers, ig_figures, ig_arrays = _feature_attribution(model, data, out_dir, timings)
+    finally:
+        torch.set_num_threads(threads)
+    numbers.update(ig_numbers)
+    figures.update(ig_figures)
+    arrays.update(ig_arrays)
+    numbers["device"] = str(dev)
+    numbers["timings_seconds"] = timings.seconds
+    numbers["figures"] = figures
+    np.savez(out_dir / "results.npz", **arrays)
+    (out_dir / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
     report = out_dir / "report.md"
-    report.write_text(
-        "# captum_influence demo\n\n"
-        f"Gradient-similarity proponents for {len(test)} test digits from {len(train)} training digits "
-        f"(projection 256) in {seconds:.2f} s.\n\n"
-        f"Fraction of top-5 proponents sharing the test label: {same_label:.3f}\n"
-    )
+    report.write_text(_report(numbers, figures, timings.seconds, dev))
     return report
