@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._backend import FeatureStore, fill_rows, scores, topk
+from ._backend import FeatureStore, fill_rows_sharded, scores_sharded, topk_sharded
 from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
 from ._data import as_loader, iter_batches, split_batch, to_device
@@ -101,11 +101,20 @@ class GradientFeatureInfluence(DataInfluence):
                 f"inputs: example shapes {shapes} do not match the training examples' {self._example_shapes}."
             )
 
-    def _featurise(self, batches, n_rows: int, dim: int, compute: Callable, name: str, n_batches: int, desc: str) -> Features:
-        """Rows of ``compute(batch)`` for every batch; in the store (resumable) when there is one."""
-        return fill_rows(
-            batches, compute, n_rows=n_rows, dim=dim, n_batches=n_batches,
-            store=self.store, name=name, show_progress=self.show_progress, desc=desc,
+    def _featurise_train(self, n_rows: int, dim: int, compute: Callable, name: str, desc: str) -> Features:
+        """Rows of ``compute((start, batch))`` for every training batch; in the store (resumable)
+        when there is one. Under ``torch.distributed`` each rank computes its shard of the batches
+        and every rank gets all the rows (through the shared store, or an all-reduce)."""
+
+        def on_device(items):
+            for start, batch in items:
+                if self._example_shapes is None:
+                    self._check_shapes(batch)
+                yield start, (start, to_device(batch, self.device))
+
+        return fill_rows_sharded(
+            self.train_loader, compute, n_rows=n_rows, dim=dim, store=self.store, name=name,
+            batches=on_device, show_progress=self.show_progress, desc=desc,
         )
 
     # --- the two feature maps -------------------------------------------------------------
@@ -134,9 +143,10 @@ class GradientFeatureInfluence(DataInfluence):
         proponents (or opponents) as ``KMostInfluentialResults(indices, influence_scores)``."""
         queries = self._test_features(inputs).to(self.device)
         keys = self._train_features()
+        # Under torch.distributed the key blocks are split over the ranks and gathered (exact).
         if k is None:
-            return scores(queries, keys, transform=self._weight_columns)
-        values, indices = topk(queries, keys, k, largest=bool(proponents), transform=self._weight_columns)
+            return scores_sharded(queries, keys, transform=self._weight_columns)
+        values, indices = topk_sharded(queries, keys, k, largest=bool(proponents), transform=self._weight_columns)
         return KMostInfluentialResults(indices, values)
 
     @staticmethod

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names
+from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names, shared_array
 from ._backend.solve import Features, as_tensor_block
 from ._checkpoints import LoadFunc
 from ._influence import GradientFeatureInfluence
@@ -140,7 +140,9 @@ class TRAK(GradientFeatureInfluence):
         layers: parameter names, module paths or modules to differentiate (default: all trainable).
         batch_size: examples per gradient batch.
         store_dir: directory for the features, factors and keys (memory-mapped); a killed run
-            resumes there, and a store made with other settings is refused.
+            resumes there, and a store made with other settings is refused. Under
+            ``torch.distributed`` (torchrun) each rank featurises its shard of the training
+            batches into this directory, which all ranks must share, and scores are gathered.
         device: where gradients are computed (default: the model's).
         seed: projection seed; checkpoint m uses an independent projection derived from (seed, m).
         show_progress: tqdm bars over checkpoints and batches.
@@ -279,9 +281,9 @@ class TRAK(GradientFeatureInfluence):
         if self._solves is not None:
             return self._solves, self._keys
         n, k, count = self.n_train, self.feature_dim, len(self.checkpoints)
-        if self.store is not None:
-            keys: Features = self.store.array("keys", (n, count * k))
-            done = self.store.flags("keys", count)
+        if self.store is not None:  # opened by every rank under torch.distributed
+            keys: Features = shared_array(self.store, "keys", (n, count * k))
+            done = shared_array(self.store, "keys.done", (count,), np.uint8)
         else:
             keys, done = torch.empty(n, count * k), np.zeros(count, dtype=np.uint8)
         q_sum = torch.zeros(n, dtype=torch.float64)
@@ -296,10 +298,10 @@ class TRAK(GradientFeatureInfluence):
             else:
                 self._prepare()
                 projector = self._projector(index)
-                rows = self._featurise(
-                    ((s, (s, b)) for s, b in self._train_batches()), n, k + 1,
+                rows = self._featurise_train(
+                    n, k + 1,
                     lambda item, p=projector, i=index: self._grads_and_q(p, item[0], item[1], i, "train_dataset"),
-                    name=f"grads_{index}", n_batches=len(self.train_loader), desc=f"checkpoint {index}: training set",
+                    name=f"grads_{index}", desc=f"checkpoint {index}: training set",
                 )
                 solve = _solve_for(rows[:, :k], self.damping, n_checkpoints=count,
                                   inverse_scaling=self.inverse_scaling, device=self.device)
