@@ -7,8 +7,6 @@ from typing import Any, Iterator, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-DataSpec = Union[Dataset, DataLoader]
-
 
 def as_loader(data: Any, batch_size: int, *, arg: str = "train_dataset") -> DataLoader:
     """A loader in a fixed order over ``data`` (a Dataset or a DataLoader of batch tuples)."""

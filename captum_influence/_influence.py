@@ -29,8 +29,8 @@ Features = Union[torch.Tensor, np.ndarray]
 class GradientFeatureInfluence(DataInfluence):
     """Base of the data-attribution classes: ``influence = Q K^T diag(w)``, computed in blocks.
 
-    Subclasses implement ``_features(batches, n, role)`` returning per-example vectors for the
-    training set (role "train", the keys) or a test set (role "test", the queries), and may set
+    Subclasses implement ``_train_features()`` (the keys K, one row per training example, a tensor
+    or a memmap of the store) and ``_test_features(inputs)`` (the queries Q), and may set
     ``_train_weights`` (a Tensor[n_train]) multiplying each training example's column.
     """
 

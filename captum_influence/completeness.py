@@ -374,8 +374,8 @@ def _steps_suspect(method: Attribution, kwargs: dict, error: float, measure: Cal
             "too_few_steps",
             f"the integral is not converged: relative error {error:.3g} at n_steps={steps} falls to {finer:.3g} at "
             f"n_steps={more}.",
-            f"raise n_steps, or let ci.IntegratedGradients(...).attribute(..., n_steps='auto') refine each example "
-            f"until |delta| <= completeness_rtol * |F(x) - F(x')|.",
+            "raise n_steps, or let ci.IntegratedGradients(...).attribute(..., n_steps='auto') refine each example "
+            "until |delta| <= completeness_rtol * |F(x) - F(x')|.",
         )
     return Suspect(
         "not_integrable",

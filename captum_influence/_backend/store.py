@@ -71,10 +71,6 @@ class FeatureStore:
         """Per-batch completion flags of ``name``."""
         return self.array(f"{name}.done", (count,), np.uint8)
 
-    def is_complete(self, name: str) -> bool:
-        file = self.path / f"{name}.done.npy"
-        return file.exists() and bool(np.load(file, mmap_mode="r").all())
-
     def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
         _atomic_write(self.path / f"{name}.pt", lambda p: torch.save(tensor.cpu(), p))
 
