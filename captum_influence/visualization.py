@@ -471,7 +471,7 @@ def _influential_images(test, test_label, rows, k, channels_last, cmap, fig_size
     if any(im.shape != images[0].shape for im in images):
         raise ValueError(f"train_examples: expected images shaped like test_example {images[0].shape}.")
     images = [_display(im, "train_examples") for im in _unit_range(images)]
-    fig, axes = plt.subplots(2, k + 1, figsize=fig_size or (1.8 * (k + 1), 4.6), squeeze=False)
+    fig, axes = plt.subplots(2, k + 1, figsize=fig_size or (1.8 * (k + 1), 5.8), squeeze=False)
     shown = {"cmap": cmap, "vmin": 0, "vmax": 1}
     axes[0, 0].imshow(images[0], **shown)
     axes[0, 0].set_title("test" + ("" if test_label is None else f"\nlabel {_label_text(test_label)}"), fontsize=9)

@@ -24,7 +24,7 @@ def _featurise(store, fail_at=None):
 
     batches = [(s, (data[s : s + 8], labels[s : s + 8])) for s in range(0, 50, 8)]
     out = fill_rows(batches, compute, n_rows=50, dim=8, n_batches=len(batches), store=store)
-    return np.array(out), len(calls)
+    return (out.numpy().copy() if isinstance(out, torch.Tensor) else np.array(out)), len(calls)
 
 
 def test_interrupted_run_resumes_to_byte_identical_features(tmp_path):
