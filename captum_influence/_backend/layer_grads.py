@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 
 from .grads import OutputFn, _as_tuple, _check_chunk_size, _check_eval_norms, _slice, batch_size_of, iter_per_example_grads
+from .layer_calls import module_path, output_grads, record_calls
 from .params import ParamSpec, select_param_names
 from .projector import Projector
 
@@ -164,16 +163,6 @@ def _unsupported(module: nn.Module) -> Optional[str]:
     return None
 
 
-@dataclass
-class _Record:
-    """One call of a hooked module: its input (detached, with its version) and its output's edge."""
-
-    module: nn.Module
-    value: torch.Tensor
-    version: int
-    edge: Any
-
-
 @contextlib.contextmanager
 def _precision(precision: str) -> Iterator[None]:
     """TF32 matrix products (float32 accumulation) for the "tf32" mode; settings restored after."""
@@ -282,53 +271,33 @@ class LayerGrads:
         """Forward with recording hooks and a backward of sum_b f_b; returns the records and their
         output gradients, and with ``check_weights`` v also autograd's gradients of sum_b v_b f_b
         with respect to the hooked parameters (else None)."""
-        records: list[_Record] = []
-
-        def record(module, args, output):
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise ValueError(f"model: module {self._path(module)!r} was called without a tensor input and output.")
-            # A layer run without a graph (under no_grad) contributes nothing, as in autograd.
-            edge = get_gradient_edge(output) if output.requires_grad else None
-            records.append(_Record(module, args[0].detach(), args[0]._version, edge))
-
         hooked = [module for module, _ in self._attrs.values()]
         table = dict(self.model.named_parameters())
         params = [table[name] for name in self.hook_names]
         frozen = [p for p in params if not p.requires_grad]
-        handles = [module.register_forward_hook(record) for module in hooked]
         try:
-            for p in frozen:  # outputs of the hooked layers must be part of the graph
+            for p in frozen:  # hooked outputs join the graph (no copies) and the check can use them
                 p.requires_grad_(True)
-            with torch.enable_grad():
-                out = fn(self.model, *chunk)
-                if not isinstance(out, torch.Tensor) or out.shape != (n,):
-                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ValueError(f"fn: must return one scalar per example, a Tensor of shape ({n},); got {got}.")
-                for rec in records:
-                    if rec.value._version != rec.version:
-                        raise ValueError(
-                            f"model: the input of module {self._path(rec.module)!r} was modified in place after "
-                            "the module ran; the hook path needs it unchanged (avoid the in-place op or use vmap)."
-                        )
-                records = [r for r in records if r.edge is not None]
-                if not out.requires_grad:
-                    return records, [None] * len(records), None if check_weights is None else [None] * len(params)
-                d_list = list(torch.autograd.grad(
-                    out, [r.edge for r in records], torch.ones_like(out),
-                    retain_graph=check_weights is not None, allow_unused=True,
-                )) if records else []
-                ref = None
-                if check_weights is not None:
+            out, records = record_calls(self.model, fn, chunk, n, hooked)
+            for rec in records:
+                if rec.value._version != rec.version:
+                    raise ValueError(
+                        f"model: the input of module {self._path(rec.module)!r} was modified in place after "
+                        "the module ran; the hook path needs it unchanged (avoid the in-place op or use vmap)."
+                    )
+            d_list = output_grads(out, records, retain_graph=check_weights is not None)
+            ref = None
+            if check_weights is not None:
+                ref = [None] * len(params)
+                if out.requires_grad:
                     ref = list(torch.autograd.grad(out, params, check_weights.to(out), allow_unused=True))
         finally:
-            for h in handles:
-                h.remove()
             for p in frozen:
                 p.requires_grad_(False)
         return records, d_list, ref
 
     def _path(self, module: nn.Module) -> str:
-        return next((path for path, m in self.model.named_modules() if m is module), type(module).__name__)
+        return module_path(self.model, module)
 
     def _contributions(self, records, d_list, n: int, dtype, unbatched: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, Tensor[B, *shape])`` for each hooked call; a name repeats for a reused layer.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .grads import _as_tuple, batch_size_of
+from .layer_calls import output_grads, record_calls
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,41 +35,20 @@ def linear_factors(
     """
     inputs = _as_tuple(inputs)
     n = batch_size_of(inputs)
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
-
-    def recorder(name: str):
-        def hook(module, args, output):
-            if not output.requires_grad:  # nothing before it needs grad: make it a leaf that does
-                output.requires_grad_(True)
-            records[name].append((args[0].detach(), output))
-            # The model continues with a copy, so that an in-place op after the layer
-            # (ReLU(inplace=True)) cannot turn the recorded output into its own result.
-            return output.clone()
-
-        return hook
-
     modules = {name: _linear(model, name) for name in layers}
-    handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
-    try:
-        with torch.enable_grad():
-            out = fn(model, *inputs)
-            if not isinstance(out, torch.Tensor) or out.shape != (n,):
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"fn: must return one scalar per example, shape ({n},); got {shape}.")
-            silent = [name for name in layers if not records[name]]
-            if silent:
-                raise ValueError(f"layers: {silent} did not run in the forward pass.")
-            outputs = [y for name in layers for _, y in records[name]]
-            grads = iter(torch.autograd.grad(out.sum(), outputs, allow_unused=True))
-    finally:
-        for handle in handles:
-            handle.remove()
+    out, calls = record_calls(model, fn, inputs, n, modules.values())
+    silent = [name for name in layers if not any(call.module is modules[name] for call in calls)]
+    if silent:
+        raise ValueError(f"layers: {silent} did not run in the forward pass.")
+    grads = output_grads(out, calls)
     result = {}
     for name in layers:
         a_parts, d_parts = [], []
-        for a, y in records[name]:
-            d = next(grads)
-            d = torch.zeros_like(y) if d is None else d.detach()
+        for call, d in zip(calls, grads):
+            if call.module is not modules[name]:
+                continue
+            a = call.value
+            d = a.new_zeros(*a.shape[:-1], modules[name].out_features) if d is None else d
             if a.dim() < 2 or a.shape[0] != n:
                 raise ValueError(
                     f"layers: {name!r} received an input of shape {tuple(a.shape)}; expected (batch={n}, ..., in_features)."

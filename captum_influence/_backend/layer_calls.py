@@ -1,0 +1,71 @@
+"""Each hooked layer's input and the gradient of fn with respect to its output, from one forward
+with hooks and one backward.
+
+For examples that do not interact, row b of d(sum_b fn_b) / dy is d fn_b / dy, so one backward of
+sum_b fn_b gives every example's output gradient at every call of every hooked layer. A layer
+called several times (or at several positions) gives one record per call, in call order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+
+@dataclass
+class LayerCall:
+    """One call of a hooked module: its input (detached, with its version) and its output's edge."""
+
+    module: nn.Module
+    value: torch.Tensor
+    version: int
+    edge: Any
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name inside ``model``, or its type name when it is not a submodule."""
+    return next((path for path, m in model.named_modules() if m is module), type(module).__name__)
+
+
+def record_calls(
+    model: nn.Module, fn: Callable[..., torch.Tensor], inputs: tuple, n: int, modules: Iterable[nn.Module]
+) -> tuple[torch.Tensor, list[LayerCall]]:
+    """``out = fn(model, *inputs)`` (grad enabled, checked to have shape (n,)) and a
+    :class:`LayerCall` for every call of ``modules`` during it."""
+    calls: list[LayerCall] = []
+
+    def record(module, args, output):
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise ValueError(f"model: module {module_path(model, module)!r} was called without a tensor input and output.")
+        promoted = not output.requires_grad
+        if promoted:  # nothing before it needs grad: make it a leaf that does
+            output.requires_grad_(True)
+        # The edge is the output's slot in the graph as the layer left it, so an in-place op
+        # after the layer (ReLU(inplace=True)) cannot turn it into the op's own result.
+        calls.append(LayerCall(module, args[0].detach(), args[0]._version, get_gradient_edge(output)))
+        # A leaf that requires grad may not be modified in place: the model continues with a copy.
+        return output.clone() if promoted else None
+
+    handles = [module.register_forward_hook(record) for module in dict.fromkeys(modules)]
+    try:
+        with torch.enable_grad():
+            out = fn(model, *inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or out.shape != (n,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"fn: must return one scalar per example, shape ({n},); got {got}.")
+    return out, calls
+
+
+def output_grads(out: torch.Tensor, calls: list[LayerCall], *, retain_graph: bool = False) -> list[Optional[torch.Tensor]]:
+    """d(sum_b out_b) / dy for each call's output y; None where the call does not reach ``out``."""
+    if not calls or not out.requires_grad:
+        return [None] * len(calls)
+    edges = [call.edge for call in calls]
+    return list(torch.autograd.grad(out, edges, torch.ones_like(out), retain_graph=retain_graph, allow_unused=True))
