@@ -193,6 +193,20 @@ class ClassificationOutput(ModelOutput):
             )
         return logits, labels
 
+    @staticmethod
+    def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Labels must lie in [0, C). The check reads the labels' values, which cannot be done
+        under ``torch.func.vmap``: so ``output`` (vmapped for per-example gradients) leaves it to
+        ``out_to_loss_grad`` and ``loss``, which run on the whole batch."""
+        n_classes = logits.shape[1]
+        bad = ((labels < 0) | (labels >= n_classes)).nonzero().flatten()
+        if len(bad):
+            more = " ..." if len(bad) > 10 else ""
+            raise ValueError(
+                f"labels: expected class indices in [0, {n_classes}) for the model's {n_classes} classes; "
+                f"got {labels[bad[:10]].tolist()}{more} at positions {bad[:10].tolist()}{more} of the batch."
+            )
+
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, labels = self.logits_and_labels(model, batch)
         return _margins(logits).gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -200,11 +214,13 @@ class ClassificationOutput(ModelOutput):
     def out_to_loss_grad(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             logits, labels = self.logits_and_labels(model, batch)
+            self._check_labels(logits, labels)
             margin = _margins(logits / self.temperature).gather(1, labels.unsqueeze(1)).squeeze(1)
             return torch.sigmoid(-margin)  # = 1 - p_y
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, labels = self.logits_and_labels(model, batch)
+        self._check_labels(logits, labels)
         return F.cross_entropy(logits / self.temperature, labels, reduction="none")
 
     def prepare(self, model: nn.Module, data: Iterable[Batch]) -> None:

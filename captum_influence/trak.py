@@ -246,14 +246,20 @@ class TRAK(GradientFeatureInfluence):
     def _grads_and_q(self, projector: Projector, start: int, batch: tuple, index: int, arg: str) -> torch.Tensor:
         """Rows ``[phi(z), Q(z)]`` of a batch, (B, k + 1), checked to be finite."""
         n = len(batch[-1])
-        try:  # a plain forward first: a batch the model or the task cannot take fails here, clearly
+        # A plain forward first, outside vmap: the task checks the batch there (labels in range
+        # for classification) and a batch the model cannot take fails clearly.
+        try:
             with torch.no_grad():
                 q = self.task.out_to_loss_grad(self.model, batch).reshape(-1, 1)
+        except ValueError as err:
+            raise ValueError(
+                f"{arg}: the task's output fails on examples {start}..{start + n - 1} (the batch starting "
+                f"at {start}) at checkpoint {index}: {err}"
+            ) from err
         except (IndexError, RuntimeError) as err:
             raise ValueError(
                 f"{arg}: the task's output fails on examples {start}..{start + n - 1} at checkpoint {index} "
-                f"({type(err).__name__}: {err}); expected labels that fit the model's outputs (class "
-                "indices in [0, n_classes) for classification) and inputs of the shape the model takes."
+                f"({type(err).__name__}: {err}); expected inputs of the shape the model takes."
             ) from err
         phi = self._layer_grads.project(self._output, batch, projector)
         rows = torch.cat([phi, q.to(phi)], dim=1)

@@ -317,6 +317,26 @@ def test_bad_classification_inputs():
         RegressionOutput().output(Given(), (torch.randn(4, 3), torch.randn(4)))
 
 
+def test_labels_out_of_range_name_the_examples_and_vmap_still_works():
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 3, 2, -1, 1, 2])
+    for task in (ClassificationOutput(), TextClassificationOutput(input_keys=("input",))):
+        model = (lambda input: input) if isinstance(task, TextClassificationOutput) else Given()
+        for call in (task.out_to_loss_grad, task.loss):
+            with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\) for the model's 3 "
+                               r"classes; got \[3, -1\] at positions \[1, 3\] of the batch"):
+                call(model, (logits, labels))
+    # The check stays out of output, which per_example_grads runs under vmap.
+    model = mlp(classes=3)
+    x, y = torch.randn(5, 6), torch.tensor([0, 2, 1, 1, 0])
+    task = ClassificationOutput()
+    grads = ci.per_example_grads(model, lambda m, *b: task.output(m, b), (x, y), fallback="error")
+    for i in range(5):
+        ref = torch.autograd.grad(task.output(model, (x[i : i + 1], y[i : i + 1])).sum(), list(model.parameters()))
+        for (name, g), r in zip(grads.items(), ref):
+            assert torch.allclose(g[i], r, atol=1e-6), name
+
+
 def test_prepare_rejects_a_model_that_returns_probabilities():
     batches = [(torch.randn(4, 6), torch.randint(0, 4, (4,)))]
     model = nn.Sequential(mlp(), nn.Softmax(dim=1))

@@ -317,11 +317,15 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
         ci.TRAK(model, train_set, [states[0], other]).influence(targets)
     with pytest.raises(ValueError, match="train_dataset: the dataset is empty"):
         ci.TRAK(model, TensorDataset(x[:0], y[:0]), states)
-    with pytest.raises(ValueError, match=r"train_dataset: the task's output fails on examples 64\.\.127"):
+    with pytest.raises(ValueError, match=r"train_dataset: the task's output fails on examples 64\.\.127 .*labels: "
+                       r"expected class indices in \[0, 4\) .*got \[9\] at positions \[6\] of the batch"):
         ci.TRAK(model, TensorDataset(x, y.index_fill(0, torch.tensor([70]), 9)), states).influence(targets)
     trak = ci.TRAK(model, train_set, states, projection_dim=32)
-    with pytest.raises(ValueError, match=r"inputs: the task's output fails on examples 0\.\.8 .*class indices"):
-        trak.influence((targets[0], targets[1] + 4))
+    bad = targets[1].clone()
+    bad[[2, 5]] = torch.tensor([4, -1])
+    with pytest.raises(ValueError, match=r"inputs: the task's output fails on examples 0\.\.8 .*labels: .*\[0, 4\) "
+                       r".*got \[4, -1\] at positions \[2, 5\]"):
+        trak.influence((targets[0], bad))
     with pytest.raises(ValueError, match=r"inputs: example shapes \[\(7,\)\] do not match .* \[\(8,\)\]"):
         trak.influence((targets[0][:, :7], targets[1]))
     for kwargs, match in ((dict(damping=-1.0), "damping"), (dict(damping="big"), "damping"),
