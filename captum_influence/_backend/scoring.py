@@ -52,20 +52,41 @@ def check_k(k: int, n: int) -> None:
         raise ValueError(f"k: expected an int in [1, {n}]; got {k!r}.")
 
 
+def _block_topk(block: torch.Tensor, start: int, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` columns of a stable argsort of one block (values, absolute column indices).
+
+    torch.topk is O(width) per row against a sort's O(width log width), but among entries tied
+    at the k-th value it may keep any of them; rows where it could have kept a higher index than
+    a stable sort would (more ties in the block than kept), or that hold NaN (ordered first by
+    topk, last by a sort), are redone with the stable sort."""
+    values, cols = torch.topk(block, min(k, block.shape[1]), dim=1, largest=largest, sorted=False)
+    kth = (values.min(1) if largest else values.max(1)).values.unsqueeze(1)
+    redo = ((block == kth).sum(1) > (values == kth).sum(1)) | values.isnan().any(1)
+    rows = redo.nonzero().flatten()
+    if len(rows):
+        sub = block[rows]
+        order = torch.argsort(-sub if largest else sub, dim=1, stable=True)[:, : values.shape[1]]
+        values[rows], cols[rows] = sub.gather(1, order), order
+    return values, cols + start
+
+
 def merge_topk(
     blocks: Iterable[tuple[int, torch.Tensor]], k: int, *, largest: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` per row of a score matrix given as column blocks ``(start, S[:, start:stop])``,
-    keeping a running top-k; returns values and column indices, ties to the lower index."""
+    keeping a running top-k; returns values and column indices, ties to the lower index (exactly
+    the first k columns of a stable argsort of the whole matrix)."""
     best_v: Optional[torch.Tensor] = None
     best_i: Optional[torch.Tensor] = None
     for start, block in blocks:
-        idx = torch.arange(start, start + block.shape[1], device=block.device).expand_as(block)
+        values, indices = _block_topk(block, start, k, largest)
         if best_v is not None:
-            block = torch.cat([best_v, block], dim=1)
-            idx = torch.cat([best_i, idx], dim=1)
-        order = torch.argsort(block if not largest else -block, dim=1, stable=True)[:, :k]
-        best_v, best_i = block.gather(1, order), idx.gather(1, order)
+            values, indices = torch.cat([best_v, values], dim=1), torch.cat([best_i, indices], dim=1)
+        # Sorted by index, then stably by value: ties keep the lower index whatever the block order.
+        order = torch.argsort(indices, dim=1)
+        values, indices = values.gather(1, order), indices.gather(1, order)
+        order = torch.argsort(-values if largest else values, dim=1, stable=True)[:, :k]
+        best_v, best_i = values.gather(1, order), indices.gather(1, order)
     if best_v is None:
         raise ValueError("blocks: no score block to take the top k of.")
     return best_v, best_i

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from captum_influence._backend import auto_damping, damped_cholesky, damped_solve, gram, scores, topk
+from captum_influence._backend import auto_damping, damped_cholesky, damped_solve, gram, merge_topk, scores, topk
 
 
 def test_damped_solve_matches_linalg_solve():
@@ -51,3 +51,37 @@ def test_blockwise_scores_and_topk_match_full_argsort():
         topk(q, keys, 0)
     with pytest.raises(ValueError, match="queries"):
         scores(torch.randn(2, 3), keys)
+
+
+def test_merge_topk_equals_stable_argsort_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randint(0, 4, (20, 90), generator=g).float()  # many ties at the k-th value
+    full[3, 40] = full[7, 0] = full[7, 89] = float("nan")
+    full[11] = 0.0
+    full[12, ::2] = -0.0
+    for k in (1, 5, 30, 90):
+        for largest in (True, False):
+            for width in (7, 25, 90):
+                blocks = [(s, full[:, s : s + width]) for s in range(0, 90, width)]
+                for order in (blocks, blocks[::-1]):
+                    values, idx = merge_topk(order, k, largest=largest)
+                    ref = torch.argsort(-full if largest else full, dim=1, stable=True)[:, :k]
+                    assert torch.equal(idx, ref), (k, largest, width)
+                    assert torch.equal(values.nan_to_num(7.0), full.gather(1, ref).nan_to_num(7.0))
+
+
+def test_merge_topk_sorts_only_the_running_candidates(monkeypatch):
+    """Each block is reduced by torch.topk: no sort is wider than 2k when the scores are distinct."""
+    widths = []
+    argsort = torch.argsort
+
+    def recording(x, *args, **kwargs):
+        widths.append(x.shape[-1])
+        return argsort(x, *args, **kwargs)
+
+    full = torch.randn(6, 1000)
+    monkeypatch.setattr(torch, "argsort", recording)
+    values, idx = merge_topk([(s, full[:, s : s + 250]) for s in range(0, 1000, 250)], 4)
+    monkeypatch.undo()
+    assert widths and max(widths) <= 8
+    assert torch.equal(idx, torch.argsort(-full, dim=1, stable=True)[:, :4])
