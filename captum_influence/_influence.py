@@ -92,11 +92,22 @@ class GradientFeatureInfluence(DataInfluence):
             yield start, to_device(batch, self.device)
 
     def _check_shapes(self, batch: tuple) -> None:
-        """Test examples must have the training examples' shapes (all but the batch dimension)."""
-        shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in batch[:-1]]
+        """Test examples must have the training examples' form and shapes: each model input a
+        tensor of the same shape but for the batch dimension, or the same kind of other object
+        (a dict encoding, whose padded lengths may differ between batches)."""
+        shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch[:-1]]
         if self._example_shapes is None:
             self._example_shapes = shapes
-        elif shapes != self._example_shapes:
+            return
+        # A tensor is described by its example shape, anything else by its type.
+        forms = [f"tensor {s}" if isinstance(s, tuple) else s for s in shapes]
+        train_forms = [f"tensor {s}" if isinstance(s, tuple) else s for s in self._example_shapes]
+        if [f.split(" ")[0] for f in forms] != [f.split(" ")[0] for f in train_forms]:
+            raise ValueError(
+                f"inputs: the batch forms differ: the training batches hold ({', '.join(train_forms)}) before "
+                f"the labels, these hold ({', '.join(forms)}); pass the model inputs in the same form."
+            )
+        if shapes != self._example_shapes:
             raise ValueError(
                 f"inputs: example shapes {shapes} do not match the training examples' {self._example_shapes}."
             )

@@ -335,6 +335,44 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
             ci.TRAK(model, train_set, states, **kwargs)
 
 
+class EitherForm(nn.Module):
+    """A linear classifier taking its input as a tensor or as a dict {"x": tensor}."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x["x"] if isinstance(x, dict) else x)
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i]}, self.y[i]
+
+
+def test_tensor_and_dict_batches_are_told_apart():
+    torch.manual_seed(0)
+    model = EitherForm()
+    x, y = torch.randn(40, 8), torch.randint(0, 4, (40,))
+    xq, yq = torch.randn(5, 8), torch.randint(0, 4, (5,))
+    as_tensors = ci.TRAK(model, TensorDataset(x, y), [model.state_dict()])
+    as_dicts = ci.TRAK(model, DictDataset(x, y), [model.state_dict()])
+    _close(as_dicts.influence(({"x": xq}, yq)), as_tensors.influence((xq, yq)), 1e-5)
+    with pytest.raises(ValueError, match=r"inputs: the batch forms differ: the training batches hold \(tensor \(8,\)\) "
+                       r"before the labels, these hold \(dict\)"):
+        as_tensors.influence(({"x": xq}, yq))
+    with pytest.raises(ValueError, match=r"inputs: the batch forms differ: the training batches hold \(dict\) "
+                       r"before the labels, these hold \(tensor \(8,\)\)"):
+        as_dicts.influence((xq, yq))
+
+
 def test_non_finite_gradients_name_the_examples(small_mlp):
     model, states, train_set, targets = small_mlp
     x, y = train_set.tensors
