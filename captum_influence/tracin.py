@@ -16,22 +16,23 @@ A Linear layer's part of g is kept as factors (its inputs a and output gradients
 from __future__ import annotations
 
 import math
+from functools import partial
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from ._backend import Projector, check_k, merge_topk, param_shapes, per_example_grads, select_param_names
+from ._backend import Projector, check_k, fill_rows, param_shapes, per_example_grads, select_param_names
 from ._backend.linear_factors import factor_gradients, factorised_norms, factorised_scores, linear_factors
+from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
-from ._data import split_batch
+from ._data import split_batch, to_device
 from ._influence import GradientFeatureInfluence
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -104,6 +105,12 @@ class _Layout:
     outer: list[str] = field(default_factory=list)  # captured layers given as explicit gradients
     vmap: list[str] = field(default_factory=list)  # parameter names from per_example_grads
     projector: Optional[Projector] = None  # of the explicit gradients
+    explicit_dim: int = 0  # the explicit gradients' width before projection
+
+    def width(self, explicit: bool = False) -> int:
+        """Entries of one checkpoint's row (``explicit``: factored layers as explicit gradients)."""
+        factored = sum(w_in * w_out if explicit else t * (w_in + w_out) for _, t, w_in, w_out in self.factored)
+        return factored + (self.projector.projection_dim if self.projector is not None else self.explicit_dim)
 
 
 class _TracInBase(GradientFeatureInfluence):
@@ -186,9 +193,10 @@ class _TracInBase(GradientFeatureInfluence):
         explicit = [n for n in self.param_names if n not in in_factors]
         layout.vmap = [n for n in explicit if n not in in_outer]
         shapes = param_shapes(self.model, explicit)
+        layout.explicit_dim = sum(math.prod(s) for s in shapes.values())
         k = self.projection_dim
         if k == "auto":
-            k = _AUTO_PROJECTION_DIM if sum(math.prod(s) for s in shapes.values()) > _AUTO_EXACT_DIM else None
+            k = _AUTO_PROJECTION_DIM if layout.explicit_dim > _AUTO_EXACT_DIM else None
         if k is not None and explicit:
             layout.projector = Projector(shapes, k, seed=self.seed, device=self.device)
         return layout
@@ -207,8 +215,6 @@ class _TracInBase(GradientFeatureInfluence):
     def _rows(self, batch: tuple, weight: float, explicit: bool = False) -> torch.Tensor:
         """One batch's vectors at the loaded checkpoint, the gradients scaled by sqrt(weight).
         ``explicit``: factored layers as explicit (flattened) gradients too."""
-        if self._layout is None:
-            self._layout = self._choose_layout(batch)
         layout, root = self._layout, math.sqrt(weight)
         captured = [f[0] for f in layout.factored] + layout.outer
         factors = linear_factors(self.model, self._loss, batch, captured) if captured else {}
@@ -243,30 +249,52 @@ class _TracInBase(GradientFeatureInfluence):
                 )
             yield index, weight
 
-    def _stack(self, batches: Callable[[], Iterable[tuple[int, tuple]]], n_rows: int, n_batches: int,
-               role: str, explicit: bool = False) -> torch.Tensor:
-        """``[rows at checkpoint 1, ..., rows at checkpoint C]`` for every example: (n_rows, C * width)."""
+    def _stack(self, featurise: Callable[[Callable, int, str], torch.Tensor], first_batch: Callable[[], tuple],
+               n_rows: int, role: str, explicit: bool = False) -> torch.Tensor:
+        """``[rows at checkpoint 1, ..., rows at checkpoint C]`` for every example: (n_rows, C * width).
+
+        ``featurise(compute, width, desc)`` gives one checkpoint's (n_rows, width) rows of
+        ``compute(batch)``; the layout, when not yet fixed, is chosen on ``first_batch()`` at the
+        first checkpoint (the data's first batch, whichever rank asks, so that all ranks agree)."""
         out: Optional[torch.Tensor] = None
         for index, weight in self._checkpoint_weights(f"{role}: checkpoints"):
-            bar = tqdm(batches(), total=n_batches, desc=f"{role}: checkpoint {index}",
-                       disable=not self.show_progress, leave=False)
-            for start, batch in bar:
-                block = self._rows(batch, weight, explicit).detach().to("cpu", torch.float32)
-                if out is None:
-                    out = torch.empty(n_rows, len(self.checkpoints), block.shape[1])
-                out[start : start + block.shape[0], index] = block
+            if self._layout is None:
+                self._layout = self._choose_layout(first_batch())
+            width = self._layout.width(explicit)
+            rows = featurise(partial(self._rows, weight=weight, explicit=explicit), width, f"{role}: checkpoint {index}")
+            if out is None:
+                out = torch.empty(n_rows, len(self.checkpoints), width)
+            out[:, index] = rows
         assert out is not None
         return out.reshape(n_rows, -1)
 
+    def _first_train_batch(self) -> tuple:
+        _, batch = next(iter_loader_shard(self.train_loader, range(1)))
+        if self._example_shapes is None:
+            self._check_shapes(batch)
+        return to_device(batch, self.device)
+
     def _train_features(self) -> torch.Tensor:
-        """Stacked training rows, computed on first use and kept."""
+        """Stacked training rows, computed on first use and kept. Under ``torch.distributed`` each
+        rank computes its shard of the batches and every rank gets all the rows (an all-reduce)."""
         if self._train_cache is None:
-            self._train_cache = self._stack(self._train_batches, self.n_train, len(self.train_loader), "train")
+
+            def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
+                return self._featurise_train(self.n_train, width, lambda item: compute(item[1]), "train", desc)
+
+            self._train_cache = self._stack(featurise, self._first_train_batch, self.n_train, "train")
         return self._train_cache
 
     def _test_features(self, inputs: Any, explicit: bool = False) -> torch.Tensor:
         batches, n = self._test_batches(inputs)
-        return self._stack(lambda: batches, n, len(batches), "inputs", explicit)
+
+        def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
+            return fill_rows(
+                batches, compute, n_rows=n, dim=width, n_batches=len(batches), show_progress=self.show_progress,
+                desc=desc,
+            )
+
+        return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit)
 
     def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
         """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c, (n, C * d), whose dot products are the
@@ -293,9 +321,13 @@ class _TracInBase(GradientFeatureInfluence):
             out += q[:, :, offset:].reshape(nq, -1) @ k[:, :, offset:].reshape(nk, -1).T
         return out
 
-    def _score_blocks(self, queries: torch.Tensor, keys: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _key_block(self, n_queries: int) -> int:
+        """Keys per score block for ``n_queries`` queries (within the element budget)."""
         positions = max([t for _, t, _, _ in self._layout.factored], default=1)
-        step = max(1, _BLOCK_ELEMENTS // (queries.shape[0] * positions**2))
+        return max(1, _BLOCK_ELEMENTS // (n_queries * positions**2))
+
+    def _score_blocks(self, queries: torch.Tensor, keys: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        step = self._key_block(queries.shape[0])
         for start in range(0, keys.shape[0], step):
             yield start, self._pair_scores(queries, keys[start : start + step].to(queries.device))
 
@@ -304,23 +336,27 @@ class _TracInBase(GradientFeatureInfluence):
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
         """Scores (n_test, n_train), positive when the training example helps; with ``k``, the top-k
         proponents (or opponents) per test example as ``KMostInfluentialResults(indices, influence_scores)``,
-        found block by block without the full matrix."""
+        found block by block without the full matrix. Under ``torch.distributed`` the key blocks
+        are split over the ranks and gathered, exactly as one process computes them."""
         if k is not None:
             check_k(k, self.n_train)
         keys = self._train_features()  # also fixes the layout
         if not self._layout.factored:
             return super().influence(inputs, k, proponents)
         queries = self._test_features(inputs).to(self.device)
-        starts = range(0, queries.shape[0], _QUERY_BLOCK)
+        blocks = [queries[qs : qs + _QUERY_BLOCK] for qs in range(0, queries.shape[0], _QUERY_BLOCK)] or [queries]
         if k is None:
-            out = torch.empty(queries.shape[0], self.n_train, device=self.device)
-            for qs in starts:
-                for start, block in self._score_blocks(queries[qs : qs + _QUERY_BLOCK], keys):
-                    out[qs : qs + block.shape[0], start : start + block.shape[1]] = block
-            return out
+            parts = [
+                scores_sharded(q, keys, block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks)
+                for q in blocks
+            ]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         parts = [
-            merge_topk(self._score_blocks(queries[qs : qs + _QUERY_BLOCK], keys), k, largest=bool(proponents))
-            for qs in starts
+            topk_sharded(
+                q, keys, k, largest=bool(proponents), query_block_size=_QUERY_BLOCK,
+                block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks,
+            )
+            for q in blocks
         ]
         return KMostInfluentialResults(torch.cat([i for _, i in parts]), torch.cat([v for v, _ in parts]))
 

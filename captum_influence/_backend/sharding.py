@@ -153,6 +153,16 @@ def _shifted(transform, offset: int):
     return lambda block, start, stop: transform(block, start + offset, stop + offset)
 
 
+ScoreBlocks = Callable[[torch.Tensor, Features], Iterable[tuple[int, torch.Tensor]]]
+
+
+def _part_blocks(queries, part, offset: int, block_size: int, dtype, transform, score_blocks: Optional[ScoreBlocks]):
+    """``(start, block)`` over this rank's keys ``part`` (which begin at key ``offset``)."""
+    if score_blocks is not None:
+        return score_blocks(queries, part)
+    return iter_score_blocks(queries, part, block_size=block_size, dtype=dtype, transform=_shifted(transform, offset))
+
+
 def scores_sharded(
     queries: torch.Tensor,
     keys: Features,
@@ -160,17 +170,20 @@ def scores_sharded(
     block_size: int = 8192,
     dtype: torch.dtype = torch.float32,
     transform=None,
+    score_blocks: Optional[ScoreBlocks] = None,
 ) -> torch.Tensor:
     """:func:`scores` with the key blocks split over the ranks and summed into the full
-    (n_queries, n_keys) matrix on every rank; bit-identical to one process."""
+    (n_queries, n_keys) matrix on every rank; bit-identical to one process.
+
+    ``score_blocks(queries, keys)`` replaces :func:`iter_score_blocks` (and ``transform``) for
+    scores that are not inner products: it yields ``(start, block)`` over ``keys`` in blocks of
+    ``block_size`` rows, ``start`` counted from the first row of the ``keys`` it is given."""
     n = keys.shape[0]
     rank, world = rank_and_world()
     rows = _my_blocks(n, block_size) if world > 1 else range(n)
     out = torch.zeros(queries.shape[0], n, dtype=dtype, device=queries.device)
     part = keys[rows.start : rows.stop]
-    for start, block in iter_score_blocks(
-        queries, part, block_size=block_size, dtype=dtype, transform=_shifted(transform, rows.start)
-    ):
+    for start, block in _part_blocks(queries, part, rows.start, block_size, dtype, transform, score_blocks):
         out[:, rows.start + start : rows.start + start + block.shape[1]] = block
     return _all_reduce_sum(out) if world > 1 else out
 
@@ -185,9 +198,11 @@ def topk_sharded(
     block_size: int = 8192,
     dtype: torch.dtype = torch.float32,
     transform=None,
+    score_blocks: Optional[ScoreBlocks] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`topk` with each rank taking the top k of its key blocks and the candidates of all
-    ranks merged (ties to the lower key index, as in one process)."""
+    ranks merged (ties to the lower key index, as in one process); ``score_blocks`` as in
+    :func:`scores_sharded`."""
     n = keys.shape[0]
     check_k(k, n)
     rank, world = rank_and_world()
@@ -196,9 +211,8 @@ def topk_sharded(
     indices = torch.full((queries.shape[0], k), n, dtype=torch.int64, device=queries.device)
     part = keys[rows.start : rows.stop]
     for qs in range(0, queries.shape[0] if len(rows) else 0, query_block_size):
-        blocks = iter_score_blocks(
-            queries[qs : qs + query_block_size], part, block_size=block_size, dtype=dtype,
-            transform=_shifted(transform, rows.start),
+        blocks = _part_blocks(
+            queries[qs : qs + query_block_size], part, rows.start, block_size, dtype, transform, score_blocks
         )
         v, i = merge_topk(blocks, min(k, len(rows)), largest=largest)
         values[qs : qs + v.shape[0], : v.shape[1]] = v
