@@ -199,6 +199,7 @@ class TRAK(GradientFeatureInfluence):
             self.store = FeatureStore(store_dir, self._metadata())
         self._solves: Optional[list[_Solve]] = None
         self._keys: Optional[Features] = None
+        self._projectors: dict[int, Projector] = {}
 
     def _check_projection_dim(self, projection_dim: Any, grad_dim: int, damping: Any) -> Optional[int]:
         if projection_dim == "auto":
@@ -234,11 +235,22 @@ class TRAK(GradientFeatureInfluence):
     # --- features of one checkpoint ---------------------------------------------------------
 
     def _projector(self, index: int) -> Projector:
+        """Checkpoint ``index``'s projector. Kept between calls when the matrices of all checkpoints
+        fit the projector's own cache budget (each then holds its whole matrix once generated), so
+        later influence() calls do not generate them again; otherwise made anew each time."""
+        if index in self._projectors:
+            return self._projectors[index]
         if self.projection_dim is None:
-            return Projector(self.param_shapes, None, kind="identity", device=self.device)
-        return Projector(
-            self.param_shapes, self.projection_dim, seed=_checkpoint_seed(self.seed, index), device=self.device
-        )
+            projector = Projector(self.param_shapes, None, kind="identity", device=self.device)
+        else:
+            projector = Projector(
+                self.param_shapes, self.projection_dim, seed=_checkpoint_seed(self.seed, index), device=self.device
+            )
+        element = torch.finfo(projector.dtype).bits // 8
+        total = len(self.checkpoints) * projector.grad_dim * projector.projection_dim * element
+        if projector.kind == "identity" or total <= projector.cache_bytes:
+            self._projectors[index] = projector
+        return projector
 
     def _output(self, model: nn.Module, *batch: Any) -> torch.Tensor:
         return self.task.output(model, batch)

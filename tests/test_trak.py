@@ -335,6 +335,29 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
             ci.TRAK(model, train_set, states, **kwargs)
 
 
+def test_projectors_are_kept_between_calls_when_they_fit(small_mlp, monkeypatch):
+    from functools import partial
+
+    from captum_influence._backend import projector as projector_module
+
+    model, states, train_set, targets = small_mlp
+    generated = []
+    generate = projector_module.projection_block
+    monkeypatch.setattr(projector_module, "projection_block", lambda *a: generated.append(a[1:3]) or generate(*a))
+    trak = ci.TRAK(model, train_set, states, projection_dim=32)
+    first = trak.influence(targets)
+    assert generated
+    generated.clear()
+    _close(trak.influence(targets), first, 1e-6)
+    assert generated == []  # 2 x 212 x 32 floats fit the budget: no block generated again
+    monkeypatch.setattr(trak_module, "Projector", partial(trak_module.Projector, cache_bytes=212 * 32 * 4))
+    small = ci.TRAK(model, train_set, states, projection_dim=32)
+    _close(small.influence(targets), first, 1e-6)
+    generated.clear()
+    _close(small.influence(targets), first, 1e-6)
+    assert len(generated) == 2  # one matrix fits, two do not: each checkpoint's is made again, once
+
+
 class EitherForm(nn.Module):
     """A linear classifier taking its input as a tensor or as a dict {"x": tensor}."""
 
