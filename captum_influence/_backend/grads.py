@@ -69,14 +69,17 @@ def _slice(inputs: tuple, start: int, stop: int) -> tuple:
     return tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, inputs)
 
 
+def check_per_example_output(out: Any, n: int) -> torch.Tensor:
+    """``out`` if it is one scalar per example, a Tensor of shape (n,); else a ValueError naming ``fn``."""
+    if not isinstance(out, torch.Tensor) or out.shape != (n,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"fn: must return one scalar per example, shape ({n},); got {got}.")
+    return out
+
+
 def _scalar(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.numel() != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            "fn: must return one scalar per example, a Tensor of shape [B]; for one example it "
-            f"returned {shape} (shape [1] expected)."
-        )
-    return out.reshape(())
+    """The one example's output under vmap, where the model sees a batch of 1."""
+    return check_per_example_output(out, 1).reshape(())
 
 
 def _culprit(call: _Call, inputs: tuple, run: Callable[[], Any]) -> str:

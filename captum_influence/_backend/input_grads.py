@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .grads import _check_chunk_size, batch_size_of
+from .grads import _check_chunk_size, batch_size_of, check_per_example_output
 
 
 def input_grads(
@@ -39,12 +39,7 @@ def input_grads(
                 else x[start : start + step].detach().requires_grad_(True)
                 for x in inputs
             )
-            out = fn(*chunk)
-            if not isinstance(out, torch.Tensor) or out.shape != (chunk[0].shape[0],):
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"fn: must return one scalar per example, shape ({chunk[0].shape[0]},); got {shape}."
-                )
+            out = check_per_example_output(fn(*chunk), chunk[0].shape[0])
             grads = torch.autograd.grad(out.sum(), chunk, create_graph=create_graph, allow_unused=True)
         parts.append(tuple(g if g is not None else torch.zeros_like(x) for g, x in zip(grads, chunk)))
     if len(parts) == 1:

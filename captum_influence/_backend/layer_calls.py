@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from .grads import check_per_example_output
+
 
 @dataclass
 class LayerCall:
@@ -57,10 +59,7 @@ def record_calls(
     finally:
         for handle in handles:
             handle.remove()
-    if not isinstance(out, torch.Tensor) or out.shape != (n,):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"fn: must return one scalar per example, shape ({n},); got {got}.")
-    return out, calls
+    return check_per_example_output(out, n), calls
 
 
 def output_grads(out: torch.Tensor, calls: list[LayerCall], *, retain_graph: bool = False) -> list[Optional[torch.Tensor]]:
