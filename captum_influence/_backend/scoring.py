@@ -99,16 +99,19 @@ def topk(
     *,
     largest: bool = True,
     query_block_size: int = 1024,
+    score_blocks: Optional[Callable[[torch.Tensor, Features], Iterable[tuple[int, torch.Tensor]]]] = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` scores per query and their key indices, merging a running top-k block by block.
 
-    Ties are broken by the lower key index, as a stable argsort would."""
+    Ties are broken by the lower key index, as a stable argsort would. ``score_blocks(queries,
+    keys)`` yields the ``(start, block)`` pairs instead of :func:`iter_score_blocks` (``**kwargs``)."""
     check_k(k, keys.shape[0])
+    blocks = score_blocks or (lambda q, keys: iter_score_blocks(q, keys, **kwargs))
     values_out, indices_out = [], []
     for qs in range(0, queries.shape[0], query_block_size):
         q = queries[qs : qs + query_block_size]
-        values, indices = merge_topk(iter_score_blocks(q, keys, **kwargs), k, largest=largest)
+        values, indices = merge_topk(blocks(q, keys), k, largest=largest)
         values_out.append(values)
         indices_out.append(indices)
     return torch.cat(values_out), torch.cat(indices_out)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from .scoring import Features, check_k, iter_score_blocks, merge_topk
+from .scoring import Features, check_k, iter_score_blocks, topk
 from .store import FeatureStore, fill_rows
 
 
@@ -209,14 +209,13 @@ def topk_sharded(
     rows = _my_blocks(n, block_size) if world > 1 else range(n)
     values = torch.full((queries.shape[0], k), float("-inf") if largest else float("inf"), dtype=dtype, device=queries.device)
     indices = torch.full((queries.shape[0], k), n, dtype=torch.int64, device=queries.device)
-    part = keys[rows.start : rows.stop]
-    for qs in range(0, queries.shape[0] if len(rows) else 0, query_block_size):
-        blocks = _part_blocks(
-            queries[qs : qs + query_block_size], part, rows.start, block_size, dtype, transform, score_blocks
+    if len(rows):
+        v, i = topk(
+            queries, keys[rows.start : rows.stop], min(k, len(rows)), largest=largest, query_block_size=query_block_size,
+            score_blocks=lambda q, part: _part_blocks(q, part, rows.start, block_size, dtype, transform, score_blocks),
         )
-        v, i = merge_topk(blocks, min(k, len(rows)), largest=largest)
-        values[qs : qs + v.shape[0], : v.shape[1]] = v
-        indices[qs : qs + v.shape[0], : v.shape[1]] = i + rows.start
+        values[:, : v.shape[1]] = v
+        indices[:, : v.shape[1]] = i + rows.start
     if world == 1:
         return values, indices
     # Sorted by key index first, a stable sort by value keeps ties at the lower index, as in one
