@@ -10,7 +10,9 @@ when there is one). From the logits every space is computed:
 
     probs = softmax(g),  log_probs = log_softmax(g),  margin_c = g_c - logsumexp_{j != c} g_j,
 
-with the elementwise sigmoid, logsigmoid and g itself when the model ends in a sigmoid.
+with the elementwise sigmoid, logsigmoid and g itself when the model ends in a sigmoid. The tensor
+``forward`` returns may be held in a dict / output object as ``logits`` (transformers'
+``ModelOutput``), and forward's inputs may be positional or keyword (a tokenizer's encoding).
 """
 
 from __future__ import annotations
@@ -382,8 +384,11 @@ class _SelectedOutput(nn.Module):
         return f"output={self.output!r}"
 
 
-def _as_args(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def _as_call(example_inputs: Any) -> tuple[tuple, dict]:
+    """forward's positional and keyword arguments: a dict is keywords, a tuple positional, else one."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
 
 
 def _check_model(model: Any) -> None:
@@ -401,28 +406,34 @@ def select_output(model: nn.Module, output: str = "logits", *, example_inputs: A
     every class, TRAK's output; g itself for a sigmoid). Captum's ``target`` then picks the class.
     The heads are modules, so hook-based methods see the softmax they apply (DeepLift's rule for
     it is approximate); on "logits" DeepLift meets no softmax or max at all, and its completeness
-    holds. ``example_inputs`` (a tensor or tuple of forward's arguments) runs one pass now, so
-    that a model that cannot be handled fails here rather than at the first call.
+    holds. The model may return a tensor or a dict / output object with a ``logits`` tensor (a
+    transformers ``ModelOutput``), and the module takes forward's arguments as the model does,
+    positional or keyword. ``example_inputs`` (a tensor, a tuple of positional arguments, or a
+    dict of keyword arguments such as a tokenizer's encoding) runs one pass now, so that a model
+    that cannot be handled fails here rather than at the first call.
 
     Example::
 
         >>> ig = captum.attr.IntegratedGradients(ci.select_output(model, "logits"))
         >>> attributions = ig.attribute(x, target=y)
+        >>> probs = ci.select_output(bert, "probs", example_inputs=encoding)(**encoding)  # (B, C)
     """
     _check_model(model)
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {', '.join(map(repr, OUTPUTS))}; got {output!r}.")
     selected = _SelectedOutput(model, output)
     if example_inputs is not None:
+        args, kwargs = _as_call(example_inputs)
         with torch.no_grad():
-            selected(*_as_args(example_inputs))
+            selected(*args, **kwargs)
     return selected
 
 
-def find_output_nonlinearities(model: nn.Module, *example_inputs: Any) -> list[Finding]:
+def find_output_nonlinearities(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[Finding]:
     """Each nonlinearity between ``model``'s last parameterised layer and its output, in call order.
 
-    Runs ``model(*example_inputs)`` once, without gradients. A call counts when it runs after the
+    Runs ``model(*example_inputs, **example_kwargs)`` once, without gradients; the output is a
+    tensor or a dict / output object with a ``logits`` tensor. A call counts when it runs after the
     last torch call that takes one of the model's parameters, or when forward returns its result.
     ``hooks_can_see`` is true for ``torch.nn`` activation modules (what DeepLift and other
     hook-based methods rewrite) and false for functions called inside ``forward``.
@@ -433,12 +444,16 @@ def find_output_nonlinearities(model: nn.Module, *example_inputs: Any) -> list[F
         ...     print(finding)
         functional max at model.py:41 (module hooks cannot see it)
         functional softmax at model.py:42 (dim=1, after a max subtraction, returned by forward, ...)
+        >>> ci.find_output_nonlinearities(bert, input_ids=ids, attention_mask=mask)
+        []
     """
     _check_model(model)
-    if not example_inputs:
-        raise ValueError("example_inputs: expected at least one input for model's forward; got none.")
+    if not example_inputs and not example_kwargs:
+        raise ValueError(
+            "example_inputs: expected at least one input for model's forward, positional or keyword; got none."
+        )
     with torch.no_grad():
-        traced = _trace(model, example_inputs, {})
+        traced = _trace(model, example_inputs, example_kwargs)
     found = traced.output_call()
     output_call = found[0] if found is not None else None
     findings = []

@@ -240,21 +240,20 @@ class ClassificationOutput(ModelOutput):
             )
 
 
-_TEXT_KEYS = {
-    1: ("input_ids",),
-    2: ("input_ids", "attention_mask"),
-    3: ("input_ids", "token_type_ids", "attention_mask"),
-}
-
-
 class TextClassificationOutput(ClassificationOutput):
-    """Text classification, the same margin as :class:`ClassificationOutput`, keyword inputs.
+    """Text classification, the same margin as :class:`ClassificationOutput`, dict or keyword inputs.
 
-    A batch is ``(encoding, labels)`` with ``encoding`` a dict of tensors (what a tokenizer
-    returns), or ``(input_ids, [token_type_ids,] attention_mask, labels)``; the model is called
-    as ``model(**encoding)``. ``input_keys`` names the positional tensors in order (default
-    input_ids, then token_type_ids when there are three, then attention_mask), or selects the
-    keys of a dict. The model may return logits or an object / dict with ``logits``.
+    Inputs reach the model exactly as the batch gives them: ``(encoding, labels)``, with
+    ``encoding`` a dict of tensors (what a tokenizer returns), calls ``model(**encoding)``;
+    ``(*tensors, labels)`` calls ``model(*tensors)`` in the batch's order. ``input_keys``, when
+    given, names the positional tensors in order, which are then passed as keywords
+    (``input_keys=("input_ids", "attention_mask")`` calls ``model(input_ids=..., attention_mask=...)``),
+    or selects the keys of a dict. The model may return logits or an object / dict with ``logits``.
+
+    Example::
+
+        >>> task = ci.tasks.TextClassificationOutput()
+        >>> f = task.output(bert, (input_ids, attention_mask, token_type_ids, labels))  # (B,)
     """
 
     def __init__(self, input_keys: Optional[Sequence[str]] = None, temperature: float = 1.0):
@@ -274,13 +273,14 @@ class TextClassificationOutput(ClassificationOutput):
             if missing:
                 raise ValueError(f"batch: the encoding lacks {missing}; it has keys {sorted(encoding)}.")
             return (), {k: encoding[k] for k in self.input_keys}
-        keys = self.input_keys or _TEXT_KEYS.get(len(inputs))
-        if keys is None or len(keys) != len(inputs):
+        if self.input_keys is None:
+            return inputs, {}
+        if len(self.input_keys) != len(inputs):
             raise ValueError(
                 f"batch: {len(inputs)} model inputs before the labels, but input_keys names "
-                f"{list(keys) if keys else 'none for that count'}; pass input_keys=(...) naming each."
+                f"{len(self.input_keys)}: {list(self.input_keys)}; pass one name per input, in the batch's order."
             )
-        return (), dict(zip(keys, inputs))
+        return (), dict(zip(self.input_keys, inputs))
 
 
 class RegressionOutput(ModelOutput):

@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 
 import pytest
@@ -250,6 +251,72 @@ def test_logits_field_of_a_dict_output():
     model = DictOutput()
     x = torch.randn(3, 6)
     assert torch.equal(ci.select_output(model, "logits")(x), model.logits(x))
+
+
+@dataclasses.dataclass
+class Output:
+    """A transformers-like output object: fields, not a Mapping."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class KeywordSoftmax(Body):
+    """forward(x, scale=...) returns {"logits": softmax, ...} or Output(logits=softmax, ...)."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.wrap = wrap
+
+    def forward(self, x, scale=1.0):
+        hidden = self.act(self.fc1(x))
+        return self.wrap(logits=F.softmax(scale * self.fc2(hidden), dim=1), hidden=hidden)
+
+
+@pytest.mark.parametrize("wrap", [dict, Output], ids=["dict", "dataclass"])
+def test_keyword_inputs_and_a_softmax_in_the_logits_field(wrap):
+    model = KeywordSoftmax(wrap)
+    x = torch.randn(5, 6)
+    g = 2.0 * model.logits(x)
+    logits = ci.select_output(model, "logits", example_inputs={"x": x, "scale": 2.0})(x=x, scale=2.0)
+    assert torch.equal(logits, g)  # the values before the softmax, not the field's probabilities
+    probs = ci.select_output(model, "probs", example_inputs={"x": x, "scale": 2.0})
+    torch.testing.assert_close(probs(x=x, scale=2.0).double(), torch.softmax(g.double(), 1))
+    torch.testing.assert_close(ci.select_output(model, "margin")(x, scale=2.0).double(), margin64(g), atol=1e-5, rtol=1e-5)
+    (finding,) = ci.find_output_nonlinearities(model, x=x, scale=2.0)
+    assert (finding.name, finding.kind, finding.dim, finding.is_output) == ("softmax", "functional", 1, True)
+    assert "F.softmax(scale * self.fc2(hidden), dim=1)" in source_line(finding.where)
+
+
+def tiny_bert():
+    """A BertForSequenceClassification with random weights from a small config, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_bert_sequence_classifier_output_with_keyword_inputs():
+    bert = tiny_bert()
+    ids = torch.randint(1, 100, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[1:, 5:] = 0
+    kinds = torch.zeros(4, 8, dtype=torch.long)
+    kinds[:, 4:] = 1
+    encoding = {"input_ids": ids, "attention_mask": mask, "token_type_ids": kinds}
+    with torch.no_grad():
+        out = bert(**encoding)
+        probs = ci.select_output(bert, "probs", example_inputs=encoding)(**encoding)
+        logits = ci.select_output(bert, "logits")(**encoding)
+        margin = ci.select_output(bert, "margin")(ids, mask, kinds)
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    torch.testing.assert_close(logits, out.logits)
+    torch.testing.assert_close(probs.double(), torch.softmax(out.logits.double(), 1))
+    torch.testing.assert_close(margin.double(), margin64(out.logits), atol=1e-5, rtol=1e-5)
+    # The classifier Linear is the last layer: nothing nonlinear follows it.
+    assert ci.find_output_nonlinearities(bert, **encoding) == []
+    assert ci.find_output_nonlinearities(bert, ids, attention_mask=mask) == []
 
 
 class Scaled(nn.Module):

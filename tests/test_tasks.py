@@ -189,20 +189,71 @@ def test_text_classification_inputs_with_and_without_token_type_ids():
     model = TextModel()
     ids, kinds, mask, y = text_batch()
     task = TextClassificationOutput()
-    for batch, logits in (
-        (({"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}, y), model(ids, mask, kinds).logits),
-        ((ids, kinds, mask, y), model(ids, mask, kinds).logits),
-        ((ids, mask, y), model(ids, mask).logits),
-        (({"input_ids": ids, "attention_mask": mask}, y), model(ids, mask).logits),
+    named = TextClassificationOutput(input_keys=("input_ids", "token_type_ids", "attention_mask"))
+    for task_, batch, logits in (
+        (task, ({"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}, y), model(ids, mask, kinds).logits),
+        (task, (ids, mask, kinds, y), model(ids, mask, kinds).logits),  # positional, in the batch's order
+        (task, (ids, mask, y), model(ids, mask).logits),
+        (task, ({"input_ids": ids, "attention_mask": mask}, y), model(ids, mask).logits),
+        (named, (ids, kinds, mask, y), model(ids, mask, kinds).logits),  # named, so passed as keywords
     ):
-        torch.testing.assert_close(task.output(model, batch), ClassificationOutput().output(Given(), (logits, y)))
-        torch.testing.assert_close(task.out_to_loss_grad(model, batch),
+        torch.testing.assert_close(task_.output(model, batch), ClassificationOutput().output(Given(), (logits, y)))
+        torch.testing.assert_close(task_.out_to_loss_grad(model, batch),
                                    ClassificationOutput().out_to_loss_grad(Given(), (logits, y)))
     chosen = TextClassificationOutput(input_keys=("input_ids", "attention_mask"))
     encoding = {"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}
     torch.testing.assert_close(chosen.output(model, (encoding, y)), task.output(model, (ids, mask, y)))
     assert_per_example_grads_match(task, model, (encoding, y))
     assert_per_example_grads_match(task, model, (ids, mask, y))
+    assert_per_example_grads_match(named, model, (ids, kinds, mask, y))
+
+
+def tiny_bert():
+    """A BertForSequenceClassification with random weights from a small config, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def bert_batch(n=5, length=8):
+    """BERT's forward order: input_ids, attention_mask, token_type_ids; then labels."""
+    ids = torch.randint(1, 100, (n, length))
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1:, 6:] = 0
+    mask[3, 4:] = 0
+    kinds = torch.zeros(n, length, dtype=torch.long)
+    kinds[:, 3:] = 1
+    return ids, mask, kinds, torch.tensor([0, 2, 1, 1, 0])
+
+
+def margin_by_hand(logits, labels):
+    """g_y - logsumexp_{j != y} g_j in float64."""
+    g = logits.double()
+    rivals = g.masked_fill(F.one_hot(labels, g.shape[1]).bool(), float("-inf"))
+    return g.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(rivals, 1)
+
+
+def test_text_classification_passes_bert_inputs_as_the_batch_gives_them():
+    bert = tiny_bert()
+    ids, mask, kinds, y = bert_batch()
+    with torch.no_grad():
+        logits = bert(ids, mask, kinds).logits
+        reordered = bert(input_ids=ids, token_type_ids=mask, attention_mask=kinds).logits
+    want = margin_by_hand(logits, y)
+    assert not torch.allclose(margin_by_hand(reordered, y), want, atol=1e-3)  # a reorder would show
+    encoding = {"input_ids": ids, "attention_mask": mask, "token_type_ids": kinds}
+    for task, batch in (
+        (TextClassificationOutput(), (ids, mask, kinds, y)),
+        (TextClassificationOutput(), (encoding, y)),
+        (TextClassificationOutput(input_keys=("input_ids", "token_type_ids", "attention_mask")), (ids, kinds, mask, y)),
+        (TextClassificationOutput(input_keys=("input_ids", "attention_mask", "token_type_ids")), (encoding, y)),
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(task.output(bert, batch).double(), want, atol=1e-5, rtol=1e-5)
+        p = torch.softmax(logits.double(), 1).gather(1, y[:, None]).squeeze(1)
+        torch.testing.assert_close(task.out_to_loss_grad(bert, batch).double(), 1 - p, atol=1e-5, rtol=1e-5)
 
 
 class TinyClip(nn.Module):
@@ -311,8 +362,12 @@ def test_bad_classification_inputs():
     with pytest.raises(ValueError, match="batch: expected a tuple"):
         task.output(Given(), torch.randn(4, 3))
     ids, kinds, mask, y = text_batch()
-    with pytest.raises(ValueError, match="batch: 4 model inputs before the labels"):
-        TextClassificationOutput().output(TextModel(), (ids, kinds, mask, mask, y))
+    with pytest.raises(ValueError, match=r"batch: 4 model inputs before the labels, but input_keys names 2: "
+                       r"\['input_ids', 'attention_mask'\]; pass one name per input"):
+        TextClassificationOutput(input_keys=("input_ids", "attention_mask")).output(TextModel(), (ids, kinds, mask, mask, y))
+    with pytest.raises(ValueError, match=r"batch: the encoding lacks \['token_type_ids'\]"):
+        TextClassificationOutput(input_keys=("input_ids", "token_type_ids")).output(
+            TextModel(), ({"input_ids": ids, "attention_mask": mask}, y))
     with pytest.raises(ValueError, match=r"model: RegressionOutput needs outputs of shape \(batch,\) or \(batch, 1\); got \(4, 3\)"):
         RegressionOutput().output(Given(), (torch.randn(4, 3), torch.randn(4)))
 
