@@ -6,6 +6,8 @@ row b of the result for parameter theta is d fn(model, *inputs[b:b+1])[0] / d th
 
 from __future__ import annotations
 
+import os
+import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -14,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .model_checks import check_deterministic, check_eval_norms
 from .params import ParamSpec, select_param_names
 
 OutputFn = Callable[..., torch.Tensor]
@@ -56,15 +59,6 @@ def _check_chunk_size(chunk_size: Optional[int]) -> None:
         raise ValueError(f"chunk_size: expected a positive int or None; got {chunk_size!r}.")
 
 
-def _check_eval_norms(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
-                f"model: module {name!r} ({type(module).__name__}) is in training mode, which couples "
-                "the examples of a batch; call model.eval() before taking per-example gradients."
-            )
-
-
 def _slice(inputs: tuple, start: int, stop: int) -> tuple:
     return tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, inputs)
 
@@ -105,6 +99,16 @@ def _culprit(call: _Call, inputs: tuple, run: Callable[[], Any]) -> str:
     return "unknown"
 
 
+def failure_site(err: BaseException) -> str:
+    """Where ``err`` was raised: the innermost frame outside torch, as "file.py, line N: code"."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return "inside torch"
+    frame = frames[-1]
+    return f"{frame.filename}, line {frame.lineno}: {(frame.line or '').strip()}"
+
+
 class VmapUnsupportedError(RuntimeError):
     """The model cannot run under ``torch.func.vmap``; the message names the module."""
 
@@ -117,15 +121,19 @@ def iter_per_example_grads(
     params: ParamSpec = None,
     chunk_size: Optional[int] = None,
     fallback: str = "loop",
+    check_model: bool = True,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield ``(start, grads)`` for consecutive chunks of the batch; see :func:`per_example_grads`."""
+    """Yield ``(start, grads)`` for consecutive chunks of the batch; see :func:`per_example_grads`.
+    ``check_model``: refuse a random model (checked on the first examples) before starting."""
     if fallback not in ("loop", "error"):
         raise ValueError(f"fallback: expected 'loop' or 'error'; got {fallback!r}.")
     _check_chunk_size(chunk_size)
     inputs = _as_tuple(inputs)
     n = batch_size_of(inputs)
     names = select_param_names(model, params)
-    _check_eval_norms(model)
+    check_eval_norms(model)
+    if check_model:
+        check_deterministic(model, fn, _slice(inputs, 0, min(n, 2)))
     call = _Call(model, fn)
     selected = {name: p.detach() for name, p in model.named_parameters() if name in set(names)}
     frozen = {f"model.{name}": p.detach() for name, p in model.named_parameters() if name not in selected}
@@ -151,7 +159,7 @@ def iter_per_example_grads(
             except Exception as err:  # vmap cannot run this model
                 where = _culprit(call, inputs, lambda: batched_grad(selected, _slice(inputs, 0, 1)))
                 message = (
-                    f"torch.func.vmap cannot run module {where!r} of the model "
+                    f"torch.func.vmap cannot run module {where!r} of the model at {failure_site(err)} "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                 )
                 if fallback == "error":
@@ -161,19 +169,35 @@ def iter_per_example_grads(
         yield start, _loop_grads(model, fn, chunk, names)
 
 
-def _loop_grads(model: nn.Module, fn: OutputFn, inputs: tuple, names: list[str]) -> dict[str, torch.Tensor]:
-    """The reference: one ``torch.autograd.grad`` call per example."""
+def single_example_grads(
+    model: nn.Module, fn: OutputFn, examples: list[tuple], names: list[str]
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The reference: for each batch of one example, ``(fn's output, {name: gradient})`` from its
+    own forward and ``torch.autograd.grad`` (zeros for a parameter it does not reach)."""
     table = dict(model.named_parameters())
     wrt = [table[name] for name in names]
-    rows: list[tuple[torch.Tensor, ...]] = []
-    for b in range(batch_size_of(inputs)):
-        with torch.enable_grad():
-            out = _scalar(fn(model, *_slice(inputs, b, b + 1)))
-            rows.append(torch.autograd.grad(out, wrt, allow_unused=True))
-    return {
-        name: torch.stack([r[i] if r[i] is not None else torch.zeros_like(wrt[i]) for r in rows])
-        for i, name in enumerate(names)
-    }
+    frozen = [p for p in wrt if not p.requires_grad]
+    results = []
+    try:
+        for p in frozen:  # selected by name: differentiated even when frozen
+            p.requires_grad_(True)
+        for example in examples:
+            with torch.enable_grad():
+                out = _scalar(fn(model, *example))
+                grads = torch.autograd.grad(out, wrt, allow_unused=True) if out.requires_grad else [None] * len(wrt)
+            results.append((out.detach(), {
+                name: g if g is not None else torch.zeros_like(p) for name, p, g in zip(names, wrt, grads)
+            }))
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return results
+
+
+def _loop_grads(model: nn.Module, fn: OutputFn, inputs: tuple, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per-example gradients by one ``torch.autograd.grad`` call per example."""
+    rows = single_example_grads(model, fn, [_slice(inputs, b, b + 1) for b in range(batch_size_of(inputs))], names)
+    return {name: torch.stack([grads[name] for _, grads in rows]) for name in names}
 
 
 def per_example_grads(

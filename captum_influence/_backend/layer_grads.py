@@ -1,166 +1,44 @@
-"""Per-example gradients from layer hooks, combined with batched matrix products.
+"""Per-example gradients from layer hooks: the engine under every method.
 
-A layer y_t = W a_t + c applied at positions t (tokens, pixels) gives example b's output f_b the
-gradient  dW_b = sum_t d_{b,t} a_{b,t}^T  and  dc_b = sum_t d_{b,t},  where a is the layer's input
-and d_{b,t} = d f_b / d y_{b,t}. One batched forward records every a, one backward of sum_b f_b
-returns every d (for examples that do not interact, row b of d(sum f)/dy is d f_b/dy), and a
-batched matrix product per layer gives all B gradients: about the arithmetic of one ordinary
-backward pass. Norm layers use their normalised input x_hat in place of a, embeddings scatter d
-into the rows that were looked up. Each parameter's (B, |theta|) block can go straight into a
-:class:`Projector` (``project_param``), so the (B, P) matrix of the whole model never exists.
+One batched forward records every hooked layer's input a, one backward of sum_b f_b returns
+every output gradient d (for examples that do not interact, row b of d(sum f)/dy is d f_b/dy),
+and the layer's rule (``layer_rules``) turns (a, d) into all B gradients, or keeps them as factors:
+about the arithmetic of one ordinary backward pass. Each parameter's (B, |theta|) block can go
+straight into a :class:`Projector` (``project_param``), so the (B, P) matrix never exists.
 
-Layers without an exact rule here (attention's fused projections, custom modules) go to the
-``vmap`` path with a warning naming the module, or raise with ``fallback="error"``; nothing is
-dropped. The first chunk is checked against autograd (a random combination of the examples'
-gradients), which also catches a parameter used outside its module's forward.
+One fallback chain for what the hooks cannot do exactly: parameters of layers without a rule
+(recurrent layers, custom modules) go to ``vmap``, and from there to a loop of single-example
+gradients when vmap cannot run the model; each step warns with the module's name and, for vmap,
+the source line where it failed. Nothing is dropped.
+
+One check, on the first chunk: the hooks' gradients of a few examples against a separate
+forward and backward of each example alone. A forward that couples the examples of a batch
+(a branch on a batch statistic) is caught there and every gradient is then taken one example at
+a time; a parameter used outside its module's forward is caught by a second comparison, of
+sum_b v_b g_b with autograd's gradient of sum_b v_b f_b for random v, and goes to vmap.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .grads import OutputFn, _as_tuple, _check_chunk_size, _check_eval_norms, _slice, batch_size_of, iter_per_example_grads
-from .layer_calls import module_path, output_grads, record_calls
+from .grads import OutputFn, _as_tuple, _check_chunk_size, _slice, batch_size_of, iter_per_example_grads, single_example_grads
+from .layer_calls import LayerCall, module_path, output_grads, record_calls
+from .layer_rules import LayerRule, rule_for
+from .model_checks import check_deterministic, check_eval_norms
 from .params import ParamSpec, select_param_names
 from .projector import Projector
 
 PRECISIONS = ("exact", "tf32", "bf16")
-Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.dtype], set], dict]
-
-
-def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    return x if dtype is None else x.to(dtype)
-
-
-def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """dW_b = sum_t d_{b,t} a_{b,t}^T as one (B, out, T) x (B, T, in) product; dc_b = sum_t d_{b,t}."""
-    batch = a.shape[0]
-    a3, d3 = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
-    out = {}
-    if "weight" in wanted:
-        out["weight"] = torch.bmm(_cast(d3, dtype).transpose(1, 2), _cast(a3, dtype))
-    if "bias" in wanted:
-        out["bias"] = d3.sum(1)
-    return out
-
-
-def _conv_input(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """The input as the convolution sees it and the zero padding still to apply: string padding
-    ("same") may be uneven and other modes are not zeros, so those are padded here as forward does."""
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return a, module.padding
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return F.pad(a, module._reversed_padding_repeated_twice, mode=mode), 0
-
-
-def _conv_weight(module: nn.Module, x: torch.Tensor, padding, d: torch.Tensor) -> torch.Tensor:
-    """Every example's weight gradient from one weight-gradient convolution with B x G groups:
-    the batch folded into the channels, so example b's input only meets its own d_b. The same
-    products as unfolding patches and multiplying, without the k-times larger patch tensor."""
-    batch, groups = x.shape[0], module.groups
-    weight_size = (batch * module.out_channels, *module.weight.shape[1:])
-    grad_weight = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
-    grads = grad_weight(
-        x.reshape(1, -1, *x.shape[2:]), weight_size, d.reshape(1, -1, *d.shape[2:]),
-        stride=module.stride, padding=padding, dilation=module.dilation, groups=batch * groups,
-    )
-    return grads.reshape(batch, *module.weight.shape)
-
-
-def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """Conv1d/Conv2d: dW_b = sum over output positions l of d_{b,l} (x)  patch_{b,l} (per group);
-    the bias gradient sums d over the positions."""
-    out = {}
-    if "weight" in wanted:
-        x, padding = _conv_input(module, _cast(a, dtype))
-        out["weight"] = _conv_weight(module, x, padding, _cast(d, dtype))
-    if "bias" in wanted:
-        out["bias"] = d.reshape(d.shape[0], d.shape[1], -1).sum(2)
-    return out
-
-
-def _affine_norm(x_hat: torch.Tensor, d: torch.Tensor, channel_dims: int, wanted: set) -> dict:
-    """Per-example gradients of y = x_hat * weight + bias, weight spanning ``channel_dims`` dims."""
-    batch = d.shape[0]
-
-    def total(t: torch.Tensor) -> torch.Tensor:
-        return t.sum(tuple(range(1, t.dim() - channel_dims))) if t.dim() > channel_dims + 1 else t
-
-    out = {}
-    if "weight" in wanted:
-        out["weight"] = total(d * x_hat).reshape(batch, *d.shape[d.dim() - channel_dims :])
-    if "bias" in wanted:
-        out["bias"] = total(d).reshape(batch, *d.shape[d.dim() - channel_dims :])
-    return out
-
-
-def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """Eval mode: x_hat = (x - running_mean) / sqrt(running_var + eps), channels on dim 1."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-    # Move channels last so that the weight spans the last dimension.
-    return _affine_norm(x_hat.movedim(1, -1), d.movedim(1, -1), 1, wanted)
-
-
-def _layer_norm(module: nn.LayerNorm, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """x_hat = (x - mean) / sqrt(var + eps) over the last len(normalized_shape) dimensions."""
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, keepdim=True, unbiased=False)
-    return _affine_norm((x - mean) * torch.rsqrt(var + module.eps), d, len(dims), wanted)
-
-
-def _group_norm(module: nn.GroupNorm, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """x_hat normalised within each example's channel groups; weight and bias per channel."""
-    groups = x.reshape(x.shape[0], module.num_groups, -1)
-    mean = groups.mean(-1, keepdim=True)
-    var = groups.var(-1, keepdim=True, unbiased=False)
-    x_hat = ((groups - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
-    return _affine_norm(x_hat.movedim(1, -1), d.movedim(1, -1), 1, wanted)
-
-
-def _embedding(module: nn.Embedding, ids: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> dict:
-    """dW_b[v] = sum of d_{b,t} over the positions t where example b looked up row v."""
-    batch, num, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
-    flat_ids = ids.reshape(batch, -1)
-    rows = d.reshape(batch, -1, dim)
-    if module.padding_idx is not None:  # the padding row receives no gradient
-        rows = rows * (flat_ids != module.padding_idx).unsqueeze(-1).to(rows.dtype)
-    index = (torch.arange(batch, device=ids.device).unsqueeze(1) * num + flat_ids).reshape(-1)
-    grads = torch.zeros(batch * num, dim, dtype=d.dtype, device=d.device)
-    grads.index_add_(0, index, rows.reshape(-1, dim))
-    return {"weight": grads.reshape(batch, num, dim)}
-
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_RULES: dict[type, Rule] = {
-    nn.Linear: _linear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
-    nn.LayerNorm: _layer_norm,
-    nn.GroupNorm: _group_norm,
-    nn.Embedding: _embedding,
-    **{cls: _batch_norm for cls in _NORMS},
-}
-
-
-def _unsupported(module: nn.Module) -> Optional[str]:
-    """Why the hook path cannot take this module's parameters exactly, or None when it can.
-
-    Types match exactly: a subclass may compute something else in its own forward."""
-    if type(module) not in _RULES:
-        return f"no exact per-example rule for {type(module).__name__}"
-    if isinstance(module, _NORMS) and module.running_mean is None:  # training mode raises, as for vmap
-        return "BatchNorm without running statistics normalises with the batch's"
-    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-        return "scale_grad_by_freq scales by counts over the whole batch"
-    return None
+Factors = tuple[torch.Tensor, torch.Tensor]
+# Examples compared with a forward of their own in the check (first, middle and last of the chunk).
+_CHECK_EXAMPLES = 3
 
 
 @contextlib.contextmanager
@@ -179,7 +57,7 @@ def _precision(precision: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _full_precision() -> Iterator[None]:
-    """No TF32 anywhere (matmuls and cuDNN convolutions), for the autograd check."""
+    """No TF32 anywhere (matmuls and cuDNN convolutions), for the check."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -189,17 +67,41 @@ def _full_precision() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-8 if dtype == torch.float64 else 1e-3
+
+
+@dataclass
+class _Hooked:
+    """A module whose selected parameters the hooks compute: its rule and ``{attr: name}``."""
+
+    module: nn.Module
+    rule: LayerRule
+    attrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ChunkGrads:
+    """One chunk's per-example gradients: ``grads`` {name: (B, *shape)} for every selected
+    parameter not in a factored layer, ``factors`` {module path: (A, D)} for factored layers
+    (positions and calls concatenated along dim 1; see ``layer_rules``)."""
+
+    grads: dict[str, torch.Tensor]
+    factors: dict[str, Factors]
+
+
 class LayerGrads:
     """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]`` from forward/backward hooks.
 
-    Linear, Conv1d, Conv2d, BatchNorm (eval), LayerNorm, GroupNorm and Embedding parameters are
-    computed from each layer's input and output gradient with batched matrix products; the same
-    numbers as :func:`per_example_grads` (vmap) up to float rounding. Parameters of other modules
-    go through the vmap path (``fallback="vmap"``, with a warning naming the module) or raise
-    (``fallback="error"``). ``precision``: "exact" (the operands' dtype), "tf32" (TF32 matrix
-    products on GPU) or "bf16" (bfloat16 operands, float32 accumulation) for the per-layer
-    products. ``check``: compare the first chunk with autograd once; a parameter whose gradient
-    the hooks cannot reproduce (used outside its module, examples that interact) is reported.
+    Linear, Conv1d/2d/3d, BatchNorm (eval), LayerNorm, GroupNorm, Embedding (inputs shared by the
+    batch included, such as position ids of batch dimension 1) and transformers' Conv1D parameters
+    come from each layer's input and output gradient with batched products: the same numbers as
+    a loop of single-example autograd calls, up to float rounding. Other parameters go to the
+    vmap path and from there to a loop (``fallback="vmap"``, warning with the module's name) or
+    raise (``fallback="error"``). ``precision``: "exact" (the operands' dtype), "tf32" (TF32
+    matrix products on GPU) or "bf16" (bfloat16 operands, float32 accumulation) for the per-layer
+    products. ``check``: compare the first chunk with single-example autograd once (see the
+    module docstring); a random model (Dropout in training mode) raises there.
 
     Example::
 
@@ -228,6 +130,10 @@ class LayerGrads:
         self.fallback = fallback
         self.precision = precision
         self._checked = not check
+        #: True once the check found examples that interact: every gradient one example at a time.
+        self.coupled = False
+        #: why each module that is not on the hook path is not, by module path
+        self.reasons: dict[str, str] = {}
         table = dict(model.named_parameters())
         name_of = {id(table[name]): name for name in self.names}
         owners: dict[str, list[tuple[str, nn.Module, str]]] = {name: [] for name in self.names}
@@ -236,42 +142,58 @@ class LayerGrads:
                 if id(p) in name_of and all(m is not module for _, m, _ in owners[name_of[id(p)]]):
                     owners[name_of[id(p)]].append((path, module, attr))
         # A parameter goes to the hooks only when every module holding it has an exact rule.
-        self._attrs: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+        self._hooked: dict[int, _Hooked] = {}
         self.vmap_names: list[str] = []
         reasons: dict[str, str] = {}
         for name, held_by in owners.items():
-            why = {path: _unsupported(module) for path, module, _ in held_by}
-            why = {path: reason for path, reason in why.items() if reason}
+            rules = {path: rule_for(module) for path, module, _ in held_by}
+            why = {path: reason for path, (_, reason) in rules.items() if reason}
             if why or not held_by:
                 self.vmap_names.append(name)
                 reasons.update(why or {name: "a parameter held by no module"})
                 continue
-            for _, module, attr in held_by:
-                self._attrs.setdefault(id(module), (module, {}))[1][attr] = name
+            for path, module, attr in held_by:
+                rule = rules[path][0]
+                assert rule is not None
+                self._hooked.setdefault(id(module), _Hooked(module, rule)).attrs[attr] = name
         if reasons:
             self._fall_back(reasons)
 
     def _fall_back(self, reasons: dict[str, str]) -> None:
+        self.reasons.update(reasons)
         listed = "; ".join(f"module {path!r}: {reason}" for path, reason in reasons.items())
         if self.fallback == "error":
             raise ValueError(
                 f"model: the hook path cannot compute these per-example gradients exactly ({listed}); "
                 "use fallback='vmap' or leave these parameters out of params."
             )
-        warnings.warn(f"per-example gradients by vmap for {listed}.", stacklevel=3)
+        warnings.warn(f"per-example gradients by vmap (a loop where vmap fails) for {listed}.", stacklevel=3)
 
     @property
     def hook_names(self) -> list[str]:
-        """Names computed from hooks (the rest, ``vmap_names``, by vmap)."""
+        """Names computed from hooks (the rest, ``vmap_names``, one example at a time)."""
+        if self.coupled:
+            return []
         return [name for name in self.names if name not in self.vmap_names]
 
-    # --- one chunk ------------------------------------------------------------------------
+    def hooks_cover(self, module: nn.Module) -> bool:
+        """True when every parameter of ``module`` is selected and computed by its hooks alone."""
+        hooked = self._hooked.get(id(module))
+        own = {name for name, _ in module.named_parameters(recurse=False)}
+        return not self.coupled and hooked is not None and set(hooked.attrs) == own and own and all(
+            name not in self.vmap_names for name in hooked.attrs.values()
+        )
+
+    def _path(self, module: nn.Module) -> str:
+        return module_path(self.model, module)
+
+    # --- one forward and backward with hooks ----------------------------------------------
 
     def _run_hooks(self, fn: OutputFn, chunk: tuple, n: int, check_weights: Optional[torch.Tensor] = None):
-        """Forward with recording hooks and a backward of sum_b f_b; returns the records and their
-        output gradients, and with ``check_weights`` v also autograd's gradients of sum_b v_b f_b
-        with respect to the hooked parameters (else None)."""
-        hooked = [module for module, _ in self._attrs.values()]
+        """Forward with recording hooks and a backward of sum_b f_b; returns the output, the records
+        and their output gradients, and with ``check_weights`` v also autograd's gradients of
+        sum_b v_b f_b with respect to the hooked parameters (else None)."""
+        hooked = [h.module for h in self._hooked.values()]
         table = dict(self.model.named_parameters())
         params = [table[name] for name in self.hook_names]
         frozen = [p for p in params if not p.requires_grad]
@@ -294,109 +216,198 @@ class LayerGrads:
         finally:
             for p in frozen:
                 p.requires_grad_(False)
-        return records, d_list, ref
+        return out.detach(), records, d_list, ref
 
-    def _path(self, module: nn.Module) -> str:
-        return module_path(self.model, module)
-
-    def _contributions(self, records, d_list, n: int, dtype, unbatched: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, Tensor[B, *shape])`` for each hooked call; a name repeats for a reused layer.
-        A layer whose first dimension is not the example raises, or with ``unbatched`` is noted
-        there (module path: reason) and skipped."""
+    def _contributions(
+        self, records: list[LayerCall], d_list: list, n: int, dtype: Optional[torch.dtype],
+        factored: Sequence[nn.Module] = (), unbatched: Optional[dict] = None,
+    ) -> Iterator[tuple[str, Any]]:
+        """``(name, Tensor[B, *shape])`` for each hooked call (a name repeats for a reused layer),
+        or ``(path, (A, D))`` for calls of ``factored`` modules. A layer whose first dimension is
+        not the example raises, or with ``unbatched`` is noted there (path: reason) and skipped."""
+        factored_ids = {id(m) for m in factored}
         for rec, d in zip(records, d_list):
             if d is None:  # the call did not reach the output
                 continue
             if rec.value.shape[0] != n or d.shape[0] != n:
                 path = self._path(rec.module)
                 reason = (
-                    f"got an input of shape {tuple(rec.value.shape)} whose first dimension is not "
-                    f"the batch of {n} examples"
+                    f"got an input of shape {tuple(rec.value.shape)} whose first dimension is neither "
+                    f"the batch of {n} examples nor 1 (shared by the batch)"
                 )
                 if unbatched is None:
                     raise ValueError(f"model: module {path!r} {reason}; the hook path needs batch-first layers.")
                 unbatched[path] = reason
                 continue
-            _, attrs = self._attrs[id(rec.module)]
-            grads = _RULES[type(rec.module)](rec.module, rec.value, d, dtype, set(attrs))
-            for attr, g in grads.items():
-                yield attrs[attr], g
+            hooked = self._hooked[id(rec.module)]
+            if id(rec.module) in factored_ids:
+                yield self._path(rec.module), hooked.rule.factors(rec.module, rec.value, d)
+                continue
+            for attr, g in hooked.rule.grads(rec.module, rec.value, d, dtype, set(hooked.attrs)).items():
+                yield hooked.attrs[attr], g
 
-    def _chunk(self, fn: OutputFn, chunk: tuple, sink: Callable[[str, torch.Tensor], None]) -> None:
-        """Send every selected parameter's per-example gradient for ``chunk`` to ``sink``."""
+    # --- the check --------------------------------------------------------------------------
+
+    def check(self, fn: OutputFn, chunk: Any) -> None:
+        """Once per engine: refuse a random model, then compare the hooks with single-example
+        autograd on a few examples of ``chunk`` (see the module docstring)."""
+        if self._checked:
+            return
+        chunk = _as_tuple(chunk)
         n = batch_size_of(chunk)
-        with _precision(self.precision):
-            if not self._checked:
-                self._check(fn, chunk, n, sink)
-            elif self.hook_names:
-                dtype = torch.bfloat16 if self.precision == "bf16" else None
-                records, d_list, _ = self._run_hooks(fn, chunk, n)
-                for name, g in self._contributions(records, d_list, n, dtype):
-                    sink(name, g)
-            if self.vmap_names:
-                for _, grads in iter_per_example_grads(self.model, fn, chunk, params=self.vmap_names):
-                    for name, g in grads.items():
-                        sink(name, g)
-
-    def _check(self, fn: OutputFn, chunk: tuple, n: int, sink) -> None:
-        """Once: the hooks' sum_b v_b g_b against autograd's gradient of sum_b v_b f_b for random
-        v. Equal sums for a random v mean the hooks give each example's own gradient; a layer
-        used outside its module, a layer whose first dimension is not the example, or examples
-        that interact would break the equality."""
+        check_eval_norms(self.model)
+        check_deterministic(self.model, fn, _slice(chunk, 0, min(n, 2)))
         self._checked = True
         if not self.hook_names:
             return
+        with _full_precision():
+            self._check_hooks(fn, chunk, n)
+
+    def _check_hooks(self, fn: OutputFn, chunk: tuple, n: int) -> None:
         table = dict(self.model.named_parameters())
+        hook_names = self.hook_names
         generator = torch.Generator().manual_seed(0)
         v = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
-        with _full_precision():
-            records, d_list, ref = self._run_hooks(fn, chunk, n, v)
-            unbatched: dict[str, str] = {}
-            pieces = list(self._contributions(records, d_list, n, None, unbatched))
-        totals: dict[str, torch.Tensor] = {}
-        for name, g in pieces:
-            weighted = (g * v.to(g).reshape(-1, *([1] * (g.dim() - 1)))).sum(0)
-            totals[name] = totals[name] + weighted if name in totals else weighted
-        ref_of = {name: r if r is not None else torch.zeros_like(table[name]) for name, r in zip(self.hook_names, ref)}
-        got_of = {name: totals.get(name, torch.zeros_like(table[name])) for name in self.hook_names}
+        out, records, d_list, ref = self._run_hooks(fn, chunk, n, v)
+        unbatched: dict[str, str] = {}
+        per_example: dict[str, torch.Tensor] = {}
+        for name, g in self._contributions(records, d_list, n, None, unbatched=unbatched):
+            per_example[name] = per_example[name] + g if name in per_example else g
+        zeros = {name: torch.zeros(n, *table[name].shape, dtype=table[name].dtype, device=table[name].device) for name in hook_names}
+        per_example = {name: per_example.get(name, zeros[name]).to(table[name].dtype) for name in hook_names}
+        ref_of = {name: r if r is not None else torch.zeros_like(table[name]) for name, r in zip(hook_names, ref)}
+        weighted = {name: torch.einsum("b,b...->...", v.to(g), g) for name, g in per_example.items()}
         # Rounding grows with a layer's gradient: compare each parameter at its module's scale,
         # floored at a small fraction of the largest (a bias whose exact gradient is 0, say).
         scales = {
-            module_id: sum(max(float(ref_of[nm].norm()), float(got_of[nm].norm())) ** 2 for nm in attrs.values()) ** 0.5
-            for module_id, (_, attrs) in self._attrs.items()
+            key: sum(max(float(ref_of[nm].norm()), float(weighted[nm].norm())) ** 2 for nm in h.attrs.values()) ** 0.5
+            for key, h in self._hooked.items()
         }
         floor = 1e-4 * max(scales.values(), default=0.0)
         reasons: dict[str, str] = {}
-        bad: set[str] = set()
-        for module_id, (module, attrs) in self._attrs.items():
-            path = self._path(module)
+        outside: set[str] = set()
+        for key, hooked in self._hooked.items():
+            path = self._path(hooked.module)
             if path in unbatched:
                 reasons[path] = unbatched[path]
-                bad.update(attrs.values())
+                outside.update(hooked.attrs.values())
                 continue
-            for name in attrs.values():
-                r, got = ref_of[name], got_of[name]
-                tol = 1e-8 if r.dtype == torch.float64 else 1e-3
-                scale = max(scales[module_id], floor)
-                error = float((got - r).norm())
-                if error > tol * scale + torch.finfo(r.dtype).tiny:
-                    bad.add(name)
+            for name in hooked.attrs.values():
+                error = float((weighted[name] - ref_of[name]).norm()) / max(scales[key], floor, torch.finfo(torch.float64).tiny)
+                if error > _tolerance(table[name].dtype):
+                    outside.add(name)
                     reasons[path] = (
-                        f"the hooks do not reproduce autograd for {name!r} (error {error / scale:.1e} of the "
-                        "layer's gradient): used outside the module's forward, or examples interact"
+                        f"the hooks do not reproduce autograd for {name!r} (error {error:.1e} of the layer's "
+                        "gradient): the parameter is used outside the module's forward"
                     )
-        if bad:
-            self.vmap_names = [name for name in self.names if name in bad or name in self.vmap_names]
-            for module_id in list(self._attrs):
-                module, attrs = self._attrs[module_id]
-                kept = {attr: name for attr, name in attrs.items() if name not in bad}
-                if kept:
-                    self._attrs[module_id] = (module, kept)
-                else:
-                    del self._attrs[module_id]
+        coupling = self._coupling(fn, chunk, n, out, per_example, outside)
+        if coupling is not None:
+            message = (
+                f"model: the forward couples the examples of a batch: {coupling}. Per-example gradients "
+                "are those of each example alone, so they are taken one example at a time (vmap, else a loop): "
+                "exact, but slower than the hook path."
+            )
+            if self.fallback == "error":
+                raise ValueError(message + " Make forward treat each example independently.")
+            warnings.warn(message, stacklevel=4)
+            self.coupled = True
+            return
+        if outside:
+            self.vmap_names = [name for name in self.names if name in outside or name in self.vmap_names]
+            for key in list(self._hooked):
+                hooked = self._hooked[key]
+                hooked.attrs = {attr: name for attr, name in hooked.attrs.items() if name not in outside}
+                if not hooked.attrs:
+                    del self._hooked[key]
             self._fall_back(reasons)
-        for name, g in pieces:
-            if name not in bad:
-                sink(name, g)
+
+    def _coupling(
+        self, fn: OutputFn, chunk: tuple, n: int, out: torch.Tensor, per_example: dict, skip: set
+    ) -> Optional[str]:
+        """How the batched forward differs from forwards of single examples (None: it does not),
+        compared on the first, middle and last example: the output, then each hooked gradient."""
+        examples = sorted({0, n // 2, n - 1})[:_CHECK_EXAMPLES]
+        names = [name for name in per_example if name not in skip]
+        alone = single_example_grads(self.model, fn, [_slice(chunk, b, b + 1) for b in examples], names)
+        for i, b in enumerate(examples):
+            single, grads = alone[i]
+            scale = max(float(single.abs().max()), float(out[b].abs()), torch.finfo(torch.float64).tiny)
+            error = float((out[b] - single.reshape(())).abs()) / scale
+            if error > _tolerance(out.dtype):
+                return f"example {b}'s output in the batch differs from its output alone (relative difference {error:.1e})"
+            for name in names:
+                got, want = per_example[name][b], grads[name]
+                error = float((got - want).norm()) / max(float(want.norm()), float(got.norm()), torch.finfo(torch.float64).tiny)
+                if error > _tolerance(want.dtype) and float((got - want).norm()) > 1e-6 * max(
+                    float(per_example[nm][b].norm()) for nm in names
+                ):
+                    return (
+                        f"example {b}'s gradient of {name!r} from the batch differs from its gradient alone "
+                        f"(relative difference {error:.1e})"
+                    )
+        return None
+
+    # --- one chunk ------------------------------------------------------------------------
+
+    def collect(self, fn: OutputFn, chunk: Any, *, factored: Sequence[nn.Module] = ()) -> ChunkGrads:
+        """Every selected parameter's per-example gradients for ``chunk``, those of the
+        ``factored`` modules (each covered by the hooks, see ``hooks_cover``) as factors."""
+        chunk = _as_tuple(chunk)
+        n = batch_size_of(chunk)
+        grads: dict[str, torch.Tensor] = {}
+        factor_parts: dict[str, list[Factors]] = {}
+
+        def sink(name: str, g: torch.Tensor) -> None:
+            grads[name] = grads[name] + g if name in grads else g
+
+        def factor_sink(path: str, factors: Factors) -> None:
+            factor_parts.setdefault(path, []).append(factors)
+
+        self._chunk(fn, chunk, sink, factored, factor_sink)
+        table = dict(self.model.named_parameters())
+        factored_names = {n for m in factored for n in self._hooked[id(m)].attrs.values()}
+        ordered = {
+            name: grads[name].to(table[name].dtype).reshape(n, *table[name].shape)
+            if name in grads else table[name].new_zeros(n, *table[name].shape)
+            for name in self.names if name not in factored_names
+        }
+        factors = {}
+        for module in factored:
+            path = self._path(module)
+            parts = factor_parts.get(path)
+            if not parts:  # the layer did not reach the output: zero gradients at one position
+                width_out, width_in = module.weight.shape if isinstance(module, nn.Linear) else tuple(reversed(module.weight.shape))
+                zero = module.weight.new_zeros(n, 1, 1)
+                parts = [(zero.expand(n, 1, width_in + (module.bias is not None)), zero.expand(n, 1, width_out))]
+            factors[path] = (torch.cat([a for a, _ in parts], 1), torch.cat([d for _, d in parts], 1))
+        return ChunkGrads(ordered, factors)
+
+    def _chunk(
+        self, fn: OutputFn, chunk: tuple, sink: Callable[[str, torch.Tensor], None],
+        factored: Sequence[nn.Module] = (), factor_sink: Optional[Callable[[str, Factors], None]] = None,
+    ) -> None:
+        """Send every selected parameter's per-example gradient for ``chunk`` to ``sink`` (and the
+        factors of ``factored`` modules to ``factor_sink``)."""
+        self.check(fn, chunk)
+        if any(not self.hooks_cover(m) for m in factored):
+            bad = [self._path(m) for m in factored if not self.hooks_cover(m)]
+            raise ValueError(f"factored: modules {bad} are not computed by the hooks alone; they cannot be factored.")
+        n = batch_size_of(chunk)
+        with _precision(self.precision):
+            if self.hook_names:
+                dtype = torch.bfloat16 if self.precision == "bf16" else None
+                _, records, d_list, _ = self._run_hooks(fn, chunk, n)
+                for key, value in self._contributions(records, d_list, n, dtype, factored):
+                    if isinstance(value, tuple):
+                        assert factor_sink is not None
+                        factor_sink(key, value)
+                    else:
+                        sink(key, value)
+            alone = self.names if self.coupled else self.vmap_names
+            if alone:
+                for _, grads in iter_per_example_grads(self.model, fn, chunk, params=alone, check_model=False):
+                    for name, g in grads.items():
+                        sink(name, g)
 
     # --- public entry points --------------------------------------------------------------
 
@@ -404,27 +415,17 @@ class LayerGrads:
         _check_chunk_size(chunk_size)
         inputs = _as_tuple(inputs)
         n = batch_size_of(inputs)
-        _check_eval_norms(self.model)
+        check_eval_norms(self.model)
         step = chunk_size or n
         for start in range(0, n, step):
             yield start, _slice(inputs, start, min(start + step, n))
 
     def grads(self, fn: OutputFn, inputs: Any, *, chunk_size: Optional[int] = None) -> dict[str, torch.Tensor]:
         """``{name: Tensor[B, *param.shape]}``, row b = d fn(...)[b] / d param, in ``names`` order."""
-        table = dict(self.model.named_parameters())
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
         for _, chunk in self._chunks(inputs, chunk_size):
-            n = batch_size_of(chunk)
-            acc: dict[str, torch.Tensor] = {}
-
-            def sink(name: str, g: torch.Tensor) -> None:
-                g = g.to(table[name].dtype)
-                acc[name] = acc[name] + g if name in acc else g
-
-            self._chunk(fn, chunk, sink)
-            for name in self.names:
-                p = table[name]
-                parts[name].append(acc[name].reshape(n, *p.shape) if name in acc else p.new_zeros(n, *p.shape))
+            for name, g in self.collect(fn, chunk).grads.items():
+                parts[name].append(g)
         return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}
 
     def project(

@@ -225,9 +225,9 @@ def test_checked_against_autograd_never_silently_wrong():
 
     model = TimeFirst().double()
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
-    with pytest.raises(ValueError, match="'fc'.*first dimension is not the batch"):
+    with pytest.raises(ValueError, match="'fc'.*first dimension is neither the batch"):
         layer_per_example_grads(model, ce_fn, (x, y), fallback="error")
-    with pytest.warns(UserWarning, match="'fc'.*first dimension is not the batch"):
+    with pytest.warns(UserWarning, match="'fc'.*first dimension is neither the batch"):
         assert_close(layer_per_example_grads(model, ce_fn, (x, y)), ci.per_example_grads(model, ce_fn, (x, y)))
     # When T happens to equal B the shapes cannot tell; the autograd check does.
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
