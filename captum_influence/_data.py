@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterator, Union
 
 import torch
@@ -49,3 +50,31 @@ def to_device(batch: Any, device: Union[str, torch.device, None]) -> Any:
     if device is None:
         return batch
     return torch.utils._pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def call_args(inputs: tuple) -> tuple[tuple, dict]:
+    """How a batch's model inputs reach forward, exactly as the batch gives them: one dict (a
+    tokenizer's encoding) as keywords, ``model(**encoding)``; anything else positionally."""
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        return (), dict(inputs[0])
+    return tuple(inputs), {}
+
+
+def call_model(model: Any, inputs: tuple) -> Any:
+    """``model(**encoding)`` for a dict encoding, else ``model(*inputs)``; see :func:`call_args`."""
+    args, kwargs = call_args(inputs)
+    return model(*args, **kwargs)
+
+
+def logits_of(out: Any, arg: str = "model") -> torch.Tensor:
+    """The tensor a classifier returns: ``out`` itself, ``out["logits"]`` or ``out.logits`` (a
+    transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    field = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(field, torch.Tensor):
+        return field
+    raise ValueError(
+        f"{arg}: forward returned {type(out).__name__}; expected a Tensor of logits or probabilities, "
+        "or a dict / output object with a 'logits' tensor."
+    )

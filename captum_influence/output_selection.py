@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._data import logits_of
+
 OUTPUTS = ("logits", "probs", "log_probs", "margin")
 
 # Calls whose result can be a model's output probabilities: name -> the space it returns.
@@ -252,19 +254,6 @@ class _Traced:
         return f"{call.name} (module {self.where(call)!r}, called at {call.line})"
 
 
-def _logits_field(out: Any, arg: str = "model") -> torch.Tensor:
-    """The tensor a classifier returns: ``out`` itself, ``out["logits"]`` or ``out.logits``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    field = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(field, torch.Tensor):
-        return field
-    raise ValueError(
-        f"{arg}: forward returned {type(out).__name__}; expected a Tensor of logits or probabilities, "
-        "or a dict / output object with a 'logits' tensor."
-    )
-
-
 def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Traced:
     tracer = _Tracer(model)
     activations = [m for m in model.modules() if _is_activation_module(m)]
@@ -276,7 +265,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Traced:
     finally:
         for handle in handles:
             handle.remove()
-    return _Traced(model, _logits_field(returned), tracer)
+    return _Traced(model, logits_of(returned), tracer)
 
 
 @dataclass

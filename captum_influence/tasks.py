@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._data import split_batch
-from .output_selection import _logits_field, _margins, _trace
+from ._data import call_args, call_model, logits_of, split_batch
+from .output_selection import _margins, _trace
 
 Batch = Sequence[Any]
 
@@ -172,13 +172,13 @@ class ClassificationOutput(ModelOutput):
 
     def _call(self, model: nn.Module, inputs: tuple) -> tuple[tuple, dict]:
         """The positional and keyword arguments of forward for a batch's model inputs."""
-        return inputs, {}
+        return call_args(inputs)
 
     def logits_and_labels(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g, y)``: the logits (B, C) and labels (B,) of a batch."""
         inputs, labels = _batch(batch)
         args, kwargs = self._call(model, inputs)
-        logits = _logits_field(model(*args, **kwargs))
+        logits = logits_of(model(*args, **kwargs))
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(
                 f"model: {type(self).__name__} needs logits of shape (batch, classes) with at least 2 "
@@ -291,7 +291,7 @@ class RegressionOutput(ModelOutput):
 
     def _prediction(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = _batch(batch)
-        pred = _logits_field(model(*inputs))
+        pred = logits_of(call_model(model, inputs))
         if pred.dim() not in (1, 2) or (pred.dim() == 2 and pred.shape[1] != 1):
             raise ValueError(f"model: RegressionOutput needs outputs of shape (batch,) or (batch, 1); got {tuple(pred.shape)}.")
         n = pred.shape[0]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .grads import OutputFn, _as_tuple, _check_chunk_size, _slice, batch_size_of, iter_per_example_grads, single_example_grads
 from .layer_calls import LayerCall, module_path, output_grads, record_calls
@@ -144,10 +145,16 @@ class LayerGrads:
         # A parameter goes to the hooks only when every module holding it has an exact rule.
         self._hooked: dict[int, _Hooked] = {}
         self.vmap_names: list[str] = []
+        #: parameters of batch dimension 1 used directly in a forward (a class token, learned
+        #: position embeddings): expanded to the batch, so that each example's row is its gradient
+        self.shared_names: list[str] = []
         reasons: dict[str, str] = {}
         for name, held_by in owners.items():
             rules = {path: rule_for(module) for path, module, _ in held_by}
             why = {path: reason for path, (_, reason) in rules.items() if reason}
+            if why and table[name].dim() > 1 and table[name].shape[0] == 1:
+                self.shared_names.append(name)
+                continue
             if why or not held_by:
                 self.vmap_names.append(name)
                 reasons.update(why or {name: "a parameter held by no module"})
@@ -159,9 +166,11 @@ class LayerGrads:
         if reasons:
             self._fall_back(reasons)
 
-    def _fall_back(self, reasons: dict[str, str]) -> None:
+    def _fall_back(self, reasons: dict[str, str], kind: str = "module") -> None:
+        """Warn (or raise with fallback="error") that these modules' (or parameters') gradients
+        are taken one example at a time, and why."""
         self.reasons.update(reasons)
-        listed = "; ".join(f"module {path!r}: {reason}" for path, reason in reasons.items())
+        listed = "; ".join(f"{kind} {path!r}: {reason}" for path, reason in reasons.items())
         if self.fallback == "error":
             raise ValueError(
                 f"model: the hook path cannot compute these per-example gradients exactly ({listed}); "
@@ -174,7 +183,7 @@ class LayerGrads:
         """Names computed from hooks (the rest, ``vmap_names``, one example at a time)."""
         if self.coupled:
             return []
-        return [name for name in self.names if name not in self.vmap_names]
+        return [name for name in self.names if name not in self.vmap_names and name not in self.shared_names]
 
     def hooks_cover(self, module: nn.Module) -> bool:
         """True when every parameter of ``module`` is selected and computed by its hooks alone."""
@@ -190,24 +199,38 @@ class LayerGrads:
     # --- one forward and backward with hooks ----------------------------------------------
 
     def _run_hooks(self, fn: OutputFn, chunk: tuple, n: int, check_weights: Optional[torch.Tensor] = None):
-        """Forward with recording hooks and a backward of sum_b f_b; returns the output, the records
-        and their output gradients, and with ``check_weights`` v also autograd's gradients of
-        sum_b v_b f_b with respect to the hooked parameters (else None)."""
+        """Forward with recording hooks and a backward of sum_b f_b; returns the output, the records,
+        their output gradients, the batch-shared parameters' per-example gradients, and with
+        ``check_weights`` v also autograd's gradients of sum_b v_b f_b with respect to the hooked
+        parameters (else None)."""
         hooked = [h.module for h in self._hooked.values()]
         table = dict(self.model.named_parameters())
         params = [table[name] for name in self.hook_names]
         frozen = [p for p in params if not p.requires_grad]
+        shared = {} if self.coupled else {
+            name: table[name].detach().expand(n, *table[name].shape[1:]).clone().requires_grad_(True)
+            for name in self.shared_names
+        }
         try:
             for p in frozen:  # hooked outputs join the graph (no copies) and the check can use them
                 p.requires_grad_(True)
-            out, records = record_calls(self.model, fn, chunk, n, hooked)
+            with _reparametrize_module(self.model, shared) if shared else contextlib.nullcontext():
+                out, records = record_calls(self.model, fn, chunk, n, hooked)
             for rec in records:
                 if rec.value._version != rec.version:
                     raise ValueError(
                         f"model: the input of module {self._path(rec.module)!r} was modified in place after "
                         "the module ran; the hook path needs it unchanged (avoid the in-place op or use vmap)."
                     )
-            d_list = output_grads(out, records, retain_graph=check_weights is not None)
+            d_list = output_grads(out, records, retain_graph=check_weights is not None or bool(shared))
+            shared_grads = {}
+            if shared:
+                found = torch.autograd.grad(out, list(shared.values()), torch.ones_like(out), allow_unused=True,
+                                            retain_graph=check_weights is not None)
+                shared_grads = {
+                    name: (g if g is not None else torch.zeros_like(x)).reshape(n, *table[name].shape)
+                    for (name, x), g in zip(shared.items(), found)
+                }
             ref = None
             if check_weights is not None:
                 ref = [None] * len(params)
@@ -216,7 +239,7 @@ class LayerGrads:
         finally:
             for p in frozen:
                 p.requires_grad_(False)
-        return out.detach(), records, d_list, ref
+        return out.detach(), records, d_list, shared_grads, ref
 
     def _contributions(
         self, records: list[LayerCall], d_list: list, n: int, dtype: Optional[torch.dtype],
@@ -258,7 +281,7 @@ class LayerGrads:
         check_eval_norms(self.model)
         check_deterministic(self.model, fn, _slice(chunk, 0, min(n, 2)))
         self._checked = True
-        if not self.hook_names:
+        if not self.hook_names and not self.shared_names:
             return
         with _full_precision():
             self._check_hooks(fn, chunk, n)
@@ -268,15 +291,21 @@ class LayerGrads:
         hook_names = self.hook_names
         generator = torch.Generator().manual_seed(0)
         v = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
-        out, records, d_list, ref = self._run_hooks(fn, chunk, n, v)
+        try:
+            out, records, d_list, shared_grads, ref = self._run_hooks(fn, chunk, n, v)
+        except Exception as err:
+            if not self.shared_names:
+                raise
+            self._unshare(self.shared_names, f"expanded to the batch, the forward fails ({type(err).__name__}: {err})")
+            return self._check_hooks(fn, chunk, n)
         unbatched: dict[str, str] = {}
-        per_example: dict[str, torch.Tensor] = {}
+        per_example: dict[str, torch.Tensor] = dict(shared_grads)
         for name, g in self._contributions(records, d_list, n, None, unbatched=unbatched):
             per_example[name] = per_example[name] + g if name in per_example else g
         zeros = {name: torch.zeros(n, *table[name].shape, dtype=table[name].dtype, device=table[name].device) for name in hook_names}
-        per_example = {name: per_example.get(name, zeros[name]).to(table[name].dtype) for name in hook_names}
+        per_example.update({name: per_example.get(name, zeros[name]).to(table[name].dtype) for name in hook_names})
         ref_of = {name: r if r is not None else torch.zeros_like(table[name]) for name, r in zip(hook_names, ref)}
-        weighted = {name: torch.einsum("b,b...->...", v.to(g), g) for name, g in per_example.items()}
+        weighted = {name: torch.einsum("b,b...->...", v.to(per_example[name]), per_example[name]) for name in hook_names}
         # Rounding grows with a layer's gradient: compare each parameter at its module's scale,
         # floored at a small fraction of the largest (a bias whose exact gradient is 0, say).
         scales = {
@@ -300,7 +329,9 @@ class LayerGrads:
                         f"the hooks do not reproduce autograd for {name!r} (error {error:.1e} of the layer's "
                         "gradient): the parameter is used outside the module's forward"
                     )
-        coupling = self._coupling(fn, chunk, n, out, per_example, outside)
+        coupling, not_shared = self._coupling(fn, chunk, n, out, per_example, outside)
+        if not_shared and coupling is None:
+            self._unshare(not_shared, "its rows expanded to the batch are not each example's gradient")
         if coupling is not None:
             message = (
                 f"model: the forward couples the examples of a batch: {coupling}. Per-example gradients "
@@ -323,29 +354,43 @@ class LayerGrads:
 
     def _coupling(
         self, fn: OutputFn, chunk: tuple, n: int, out: torch.Tensor, per_example: dict, skip: set
-    ) -> Optional[str]:
+    ) -> tuple[Optional[str], list[str]]:
         """How the batched forward differs from forwards of single examples (None: it does not),
-        compared on the first, middle and last example: the output, then each hooked gradient."""
+        compared on the first, middle and last example: the output, then each hooked gradient;
+        and the batch-shared parameters whose expanded rows are not the examples' gradients."""
         examples = sorted({0, n // 2, n - 1})[:_CHECK_EXAMPLES]
         names = [name for name in per_example if name not in skip]
         alone = single_example_grads(self.model, fn, [_slice(chunk, b, b + 1) for b in examples], names)
+        not_shared: list[str] = []
         for i, b in enumerate(examples):
             single, grads = alone[i]
             scale = max(float(single.abs().max()), float(out[b].abs()), torch.finfo(torch.float64).tiny)
             error = float((out[b] - single.reshape(())).abs()) / scale
             if error > _tolerance(out.dtype):
-                return f"example {b}'s output in the batch differs from its output alone (relative difference {error:.1e})"
+                return f"example {b}'s output in the batch differs from its output alone (relative difference {error:.1e})", []
+            # A gradient that is zero up to rounding (a key bias under softmax) is compared at the
+            # scale of the example's largest gradient.
+            largest = max(float(per_example[nm][b].norm()) for nm in names)
             for name in names:
                 got, want = per_example[name][b], grads[name]
-                error = float((got - want).norm()) / max(float(want.norm()), float(got.norm()), torch.finfo(torch.float64).tiny)
-                if error > _tolerance(want.dtype) and float((got - want).norm()) > 1e-6 * max(
-                    float(per_example[nm][b].norm()) for nm in names
-                ):
-                    return (
-                        f"example {b}'s gradient of {name!r} from the batch differs from its gradient alone "
-                        f"(relative difference {error:.1e})"
-                    )
-        return None
+                diff = float((got - want).norm())
+                error = diff / max(float(want.norm()), float(got.norm()), torch.finfo(torch.float64).tiny)
+                if error <= _tolerance(want.dtype) or diff <= 1e-6 * largest:
+                    continue
+                if name in self.shared_names:
+                    not_shared.append(name)
+                    continue
+                return (
+                    f"example {b}'s gradient of {name!r} from the batch differs from its gradient alone "
+                    f"(relative difference {error:.1e})"
+                ), []
+        return None, sorted(set(not_shared))
+
+    def _unshare(self, names: Sequence[str], reason: str) -> None:
+        """Send batch-shared parameters to the vmap path, saying why."""
+        self.shared_names = [name for name in self.shared_names if name not in names]
+        self.vmap_names = [name for name in self.names if name in names or name in self.vmap_names]
+        self._fall_back({name: reason for name in names}, kind="parameter")
 
     # --- one chunk ------------------------------------------------------------------------
 
@@ -394,9 +439,11 @@ class LayerGrads:
             raise ValueError(f"factored: modules {bad} are not computed by the hooks alone; they cannot be factored.")
         n = batch_size_of(chunk)
         with _precision(self.precision):
-            if self.hook_names:
+            if self.hook_names or (self.shared_names and not self.coupled):
                 dtype = torch.bfloat16 if self.precision == "bf16" else None
-                _, records, d_list, _ = self._run_hooks(fn, chunk, n)
+                _, records, d_list, shared_grads, _ = self._run_hooks(fn, chunk, n)
+                for name, g in shared_grads.items():
+                    sink(name, g)
                 for key, value in self._contributions(records, d_list, n, dtype, factored):
                     if isinstance(value, tuple):
                         assert factor_sink is not None
