@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -27,3 +29,11 @@ def test_backend_speed_runs_against_traker():
     out = _run("backend_speed.py", "--repeats", "1", "--proj-dim", "256")
     rows = re.findall(r"^(MLP|CNN)\s+\d+\s+\d+\s+\d+\s+([0-9.]+)x$", out, flags=re.M)
     assert [name for name, _ in rows] == ["MLP", "CNN"], out
+
+
+def test_real_models_quick_hooks_equal_the_loop():
+    pytest.importorskip("transformers")
+    out = _run("real_models.py", "--quick", "--threads", "1")
+    rows = re.findall(r"^(BERT|GPT-2|ViT)\s+[\d,]+(?:\s+[\d,]+){4}(?:\s+[0-9.]+x){2}\s+([0-9.e+-]+)$", out, flags=re.M)
+    assert [name for name, _ in rows] == ["BERT", "GPT-2", "ViT"], out
+    assert max(float(difference) for _, difference in rows) < 1e-5, out
