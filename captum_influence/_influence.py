@@ -8,7 +8,8 @@ score matrices, top-k results and self-influence, all blockwise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Union
+import functools
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -19,11 +20,38 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, fill_rows_sharded, scores_sharded, topk_sharded
+from ._backend.model_checks import preserved_modes
 from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
 from ._data import as_loader, iter_batches, split_batch, to_device
 
 Features = Union[torch.Tensor, np.ndarray]
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def keeps_model_state(method: Method) -> Method:
+    """The caller's model comes back as it was found: a public method loads checkpoints, moves the
+    model to ``device`` and puts it in eval mode, and afterwards its weights, buffers, device and
+    every module's train/eval mode are restored."""
+
+    @functools.wraps(method)
+    def wrapper(self: "GradientFeatureInfluence", *args: Any, **kwargs: Any) -> Any:
+        if self._holding_model:  # called from another public method: that one restores
+            return method(self, *args, **kwargs)
+        model = self.model
+        state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        devices = {p.device for p in model.parameters()}
+        self._holding_model = True
+        try:
+            with preserved_modes(model):
+                return method(self, *args, **kwargs)
+        finally:
+            self._holding_model = False
+            if len(devices) == 1:
+                model.to(devices.pop())
+            model.load_state_dict(state)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class GradientFeatureInfluence(DataInfluence):
@@ -61,11 +89,13 @@ class GradientFeatureInfluence(DataInfluence):
         self.store: Optional[FeatureStore] = None
         self._train_weights: Optional[torch.Tensor] = None
         self._example_shapes: Optional[list] = None
+        self._holding_model = False
 
     # --- checkpoints and data -------------------------------------------------------------
 
     def _iter_checkpoints(self, desc: str) -> Iterator[tuple[int, float]]:
-        """Load each checkpoint once, in order, yielding ``(index, weight)``."""
+        """Load each checkpoint once, in order, yielding ``(index, weight)``, the model in eval mode
+        (public methods restore the caller's model afterwards: :func:`keeps_model_state`)."""
         self.model.to(self.device)
         for index in tqdm(range(len(self.checkpoints)), desc=desc, disable=not self.show_progress, leave=False):
             weight = load_checkpoint(self.model, self.checkpoints[index], self.checkpoints_load_func, index)
@@ -136,6 +166,7 @@ class GradientFeatureInfluence(DataInfluence):
     def _test_features(self, inputs: Any) -> torch.Tensor:  # the queries Q, (n_test, d)
         raise NotImplementedError
 
+    @keeps_model_state
     def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
         """Per-example vectors whose dot products with the training vectors give the scores."""
         return self._test_features(inputs)
@@ -147,6 +178,7 @@ class GradientFeatureInfluence(DataInfluence):
             return block
         return block * self._train_weights[start:stop].to(block)
 
+    @keeps_model_state
     def influence(
         self, inputs: Any, k: Optional[int] = None, proponents: bool = True
     ) -> Union[torch.Tensor, KMostInfluentialResults]:

@@ -8,32 +8,33 @@ Stacking v(z) = [sqrt(eta_1) g_1(z), ..., sqrt(eta_C) g_C(z)] turns the sum into
 product, TracInCP(z, z') = <v(z), v(z')>, so the scores, the top-k and the self-influence
 ||v(z)||^2 are all computed on the stacked vectors, each checkpoint loaded once per pass.
 
-A Linear layer's part of g is kept as factors (its inputs a and output gradients d, see
-``_backend/linear_factors.py``) whenever their inner products cost less than explicit gradients:
+Every gradient comes from the backend's per-layer engine (``LayerGrads``: hooks, then vmap, then a
+loop). A Linear layer's part of g is kept as factors (its inputs a and output gradients d, see
+``_backend/layer_rules.py``) whenever their inner products cost less than explicit gradients:
 (d . d')(a . a' + 1) instead of a dot product over out x (in + 1) entries.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
-from ._backend import Projector, check_k, fill_rows, param_shapes, per_example_grads, select_param_names
-from ._backend.linear_factors import factor_gradients, factorised_norms, factorised_scores, linear_factors
+from ._backend import LayerGrads, Projector, batch_size_of, check_k, fill_rows, param_shapes, select_param_names
+from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
-from ._data import split_batch, to_device
-from ._influence import GradientFeatureInfluence
+from ._data import call_model, logits_of, split_batch, to_device
+from ._influence import GradientFeatureInfluence, keeps_model_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProjectionDim = Union[int, str, None]
@@ -45,8 +46,6 @@ _AUTO_PROJECTION_DIM = 4096
 # Score-block budget in elements: factorised blocks hold n_q x n_k x T^2 position pairs.
 _BLOCK_ELEMENTS = 2**24
 _QUERY_BLOCK = 1024
-# Factors are checked once against per-example autograd gradients (float32 rounding is ~1e-6).
-_CHECK_RTOL = 1e-3
 
 
 def _check_loss_fn(loss_fn: Optional[LossFn]) -> LossFn:
@@ -62,13 +61,14 @@ def _check_loss_fn(loss_fn: Optional[LossFn]) -> LossFn:
     return loss_fn
 
 
-def _example_losses(loss_fn: LossFn, outputs: torch.Tensor, labels: Any) -> torch.Tensor:
+def _example_losses(loss_fn: LossFn, outputs: Any, labels: Any) -> torch.Tensor:
     """Each example's own loss, ``loss_fn(outputs[b:b+1], labels[b:b+1])`` summed: Tensor[B].
 
-    A loss with reduction "none" is called once on the batch (its values summed over all but
-    the batch dimension); a reducing loss ("sum", "mean" or a plain callable) is applied to each
-    example alone (vmap), so "sum" and "mean" give the same per-example loss, as in Captum."""
-    n = outputs.shape[0]
+    ``outputs`` is what the model returned (a tensor, or a ModelOutput / dict of tensors). A loss
+    with reduction "none" is called once on the batch (its values summed over all but the batch
+    dimension); a reducing loss ("sum", "mean" or a plain callable) is applied to each example
+    alone (vmap), so "sum" and "mean" give the same per-example loss, as in Captum."""
+    n = batch_size_of((labels,), arg="labels")
     if getattr(loss_fn, "reduction", None) == "none" or n == 1:
         losses = loss_fn(outputs, labels)
         if not isinstance(losses, torch.Tensor) or losses.numel() % n or (losses.dim() and losses.shape[0] != n):
@@ -77,9 +77,14 @@ def _example_losses(loss_fn: LossFn, outputs: torch.Tensor, labels: Any) -> torc
                 f"loss_fn: with reduction 'none' it must return per-example losses (shape ({n}, ...)); got {shape}."
             )
         return losses.reshape(n, -1).sum(1)
-    label_dim = 0 if isinstance(labels, torch.Tensor) else None
-    one = lambda o, y: loss_fn(o.unsqueeze(0), y.unsqueeze(0) if label_dim == 0 else y).sum()
-    return vmap(one, in_dims=(0, label_dim))(outputs, labels)
+    leaves, spec = tree_flatten((outputs, labels))
+    dims = tuple(0 if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else None for x in leaves)
+
+    def one(*example: Any) -> torch.Tensor:
+        o, y = tree_unflatten([x.unsqueeze(0) if d == 0 else x for x, d in zip(example, dims)], spec)
+        return loss_fn(o, y).sum()
+
+    return vmap(one, in_dims=dims)(*leaves)
 
 
 def _check_projection_dim(projection_dim: ProjectionDim) -> None:
@@ -98,12 +103,10 @@ def _gradient_vectors(grads: dict[str, torch.Tensor], projector: Optional[Projec
 
 @dataclass
 class _Layout:
-    """One checkpoint's row: ``[a, d]`` of each factored Linear layer, then the explicit gradients of
-    the other parameters (from outer products of captured layers, else from vmap), maybe projected."""
+    """One checkpoint's row: ``[A, D]`` of each factored layer, then the explicit gradients of the
+    other parameters (from the engine), maybe projected."""
 
     factored: list[tuple[str, int, int, int]] = field(default_factory=list)  # (layer, T, in [+ 1], out)
-    outer: list[str] = field(default_factory=list)  # captured layers given as explicit gradients
-    vmap: list[str] = field(default_factory=list)  # parameter names from per_example_grads
     projector: Optional[Projector] = None  # of the explicit gradients
     explicit_dim: int = 0  # the explicit gradients' width before projection
 
@@ -115,9 +118,7 @@ class _Layout:
 
 class _TracInBase(GradientFeatureInfluence):
     """Stacked per-checkpoint vectors, checkpoint-major (each checkpoint loaded once per pass), and
-    their scores; subclasses say which Linear layers to capture (``_candidates``)."""
-
-    _outer_products = False  # captured layers not factored: outer products (True) or vmap (False)
+    their scores; subclasses say which matrix layers may be kept as factors (``_candidates``)."""
 
     def __init__(
         self,
@@ -138,9 +139,11 @@ class _TracInBase(GradientFeatureInfluence):
             model, train_dataset, checkpoints, checkpoints_load_func,
             batch_size=batch_size, device=device, show_progress=show_progress,
         )
+        self._default_loss = loss_fn is None
         self.loss_fn = _check_loss_fn(loss_fn)
         _check_projection_dim(projection_dim)
         self.param_names = select_param_names(model, params, arg="layers")
+        self._engine = LayerGrads(model, self.param_names)
         self.projection_dim = projection_dim
         self.seed = seed
         self._layout: Optional[_Layout] = None
@@ -154,44 +157,44 @@ class _TracInBase(GradientFeatureInfluence):
         return self._layout.projector if self._layout is not None else None
 
     def _candidates(self) -> list[str]:
-        """Linear layers whose gradients may be captured as factors."""
+        """Matrix layers (Linear) whose gradients may be kept as factors."""
         raise NotImplementedError
 
-    def _factor_check_failed(self, layer: str, error: float) -> None:
-        raise NotImplementedError
+    def _not_factorable(self, layer: str) -> None:
+        """A candidate the engine does not compute from its hooks alone (``engine.reasons`` says why)."""
 
     def _loss(self, model: nn.Module, *batch) -> torch.Tensor:
         inputs, labels = split_batch(batch)
-        return _example_losses(self.loss_fn, model(*inputs), labels)
+        outputs = call_model(model, inputs)
+        if self._default_loss:  # cross-entropy of the logits, also of a ModelOutput's
+            outputs = logits_of(outputs)
+        return _example_losses(self.loss_fn, outputs, labels)
 
     def _layer_params(self, layer: str) -> dict[str, str]:
-        """``{"weight": full name, "bias": full name}`` of a Linear layer's parameters."""
+        """``{"weight": full name, "bias": full name}`` of a layer's own parameters."""
         prefix = f"{layer}." if layer else ""
         return {attr: prefix + attr for attr, _ in self.model.get_submodule(layer).named_parameters(recurse=False)}
 
     def _choose_layout(self, batch: tuple) -> _Layout:
-        """Factor a captured layer when exact (no ``projection_dim`` int) and cheaper,
-        T^2 (in + out) < out x in, once its gradients match autograd's on this batch."""
-        candidates = self._candidates()
-        factors = linear_factors(self.model, self._loss, batch, candidates) if candidates else {}
-        layout = _Layout()
-        for layer, (a, d) in factors.items():
-            t, width_in, width_out = a.shape[1], a.shape[2], d.shape[2]
-            cheaper = not isinstance(self.projection_dim, int) and t * t * (width_in + width_out) < width_in * width_out
-            if not (cheaper or self._outer_products):
-                continue  # left to per_example_grads
-            error = self._factor_error(layer, batch, a, d)
-            if error > _CHECK_RTOL:
-                self._factor_check_failed(layer, error)
-                continue
-            if cheaper:
-                layout.factored.append((layer, t, width_in, width_out))
+        """Factor a candidate layer when exact (no ``projection_dim`` int), computed by the engine's
+        hooks alone (after its check on this batch) and cheaper: T^2 (in + out) < out x in."""
+        self._engine.check(self._loss, batch)
+        candidates = []
+        for layer in self._candidates():
+            if self._engine.hooks_cover(self.model.get_submodule(layer)):
+                candidates.append(layer)
             else:
-                layout.outer.append(layer)
+                self._not_factorable(layer)
+        modules = [self.model.get_submodule(layer) for layer in candidates]
+        factors = self._engine.collect(self._loss, batch, factored=modules).factors if modules else {}
+        layout = _Layout()
+        for layer in candidates:
+            a, d = factors[self._engine_path(layer)]
+            t, width_in, width_out = a.shape[1], a.shape[2], d.shape[2]
+            if not isinstance(self.projection_dim, int) and t * t * (width_in + width_out) < width_in * width_out:
+                layout.factored.append((layer, t, width_in, width_out))
         in_factors = {n for layer, *_ in layout.factored for n in self._layer_params(layer).values()}
-        in_outer = {n for layer in layout.outer for n in self._layer_params(layer).values()}
         explicit = [n for n in self.param_names if n not in in_factors]
-        layout.vmap = [n for n in explicit if n not in in_outer]
         shapes = param_shapes(self.model, explicit)
         layout.explicit_dim = sum(math.prod(s) for s in shapes.values())
         k = self.projection_dim
@@ -201,14 +204,10 @@ class _TracInBase(GradientFeatureInfluence):
             layout.projector = Projector(shapes, k, seed=self.seed, device=self.device)
         return layout
 
-    def _factor_error(self, layer: str, batch: tuple, a: torch.Tensor, d: torch.Tensor) -> float:
-        """Relative difference between the factors' gradients and per_example_grads on ``batch``."""
-        names = self._layer_params(layer)
-        reference = per_example_grads(self.model, self._loss, batch, params=list(names.values()))
-        got = factor_gradients(a, d, self.model.get_submodule(layer).in_features)
-        diff = sum(float((got[attr] - reference[name]).double().norm()) ** 2 for attr, name in names.items())
-        scale = sum(float(reference[name].double().norm()) ** 2 for name in names.values())
-        return math.sqrt(diff) / max(math.sqrt(scale), torch.finfo(torch.float32).tiny)
+    def _engine_path(self, layer: str) -> str:
+        """The engine's name for a layer (its first path in the model, the same module)."""
+        module = self.model.get_submodule(layer)
+        return next(path for path, m in self.model.named_modules() if m is module)
 
     # --- rows ------------------------------------------------------------------------------
 
@@ -216,27 +215,26 @@ class _TracInBase(GradientFeatureInfluence):
         """One batch's vectors at the loaded checkpoint, the gradients scaled by sqrt(weight).
         ``explicit``: factored layers as explicit (flattened) gradients too."""
         layout, root = self._layout, math.sqrt(weight)
-        captured = [f[0] for f in layout.factored] + layout.outer
-        factors = linear_factors(self.model, self._loss, batch, captured) if captured else {}
-        grads = per_example_grads(self.model, self._loss, batch, params=layout.vmap) if layout.vmap else {}
-        for layer in layout.outer:
-            grads.update(self._named_factor_gradients(layer, *factors[layer]))
+        modules = [self.model.get_submodule(layer) for layer, *_ in layout.factored]
+        chunk = self._engine.collect(self._loss, batch, factored=modules)
         parts = []
-        for layer, *_ in layout.factored:
-            a, d = factors[layer]
+        for (layer, t, _, _), module in zip(layout.factored, modules):
+            a, d = chunk.factors[self._engine_path(layer)]
+            if a.shape[1] != t:
+                raise ValueError(
+                    f"inputs: layer {layer!r} sees {a.shape[1]} positions in this batch and {t} in the first "
+                    "one; factored scores need the same number in every batch (pad to one length, or pass "
+                    "projection_dim=...)."
+                )
             if explicit:
-                g = self._named_factor_gradients(layer, a, d)
-                parts.append(_gradient_vectors(g, None) * root)
+                rule, _ = rule_for(module)
+                grads = rule.from_factors(module, a, d)
+                parts.append(_gradient_vectors({attr: grads[attr] for attr in self._layer_params(layer)}, None) * root)
             else:
                 parts += [a.flatten(1), (d * root).flatten(1)]
-        if grads:
-            ordered = {n: grads[n] for n in self.param_names if n in grads}
-            parts.append(_gradient_vectors(ordered, layout.projector) * root)
+        if chunk.grads:
+            parts.append(_gradient_vectors(chunk.grads, layout.projector) * root)
         return torch.cat(parts, dim=1)
-
-    def _named_factor_gradients(self, layer: str, a: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        grads = factor_gradients(a, d, self.model.get_submodule(layer).in_features)
-        return {name: grads[attr] for attr, name in self._layer_params(layer).items()}
 
     # --- stacking over checkpoints ----------------------------------------------------------
 
@@ -296,6 +294,7 @@ class _TracInBase(GradientFeatureInfluence):
 
         return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit)
 
+    @keeps_model_state
     def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
         """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c, (n, C * d), whose dot products are the
         scores (the gradients in parameter order, factored layers first; projected ones last)."""
@@ -331,6 +330,7 @@ class _TracInBase(GradientFeatureInfluence):
         for start in range(0, keys.shape[0], step):
             yield start, self._pair_scores(queries, keys[start : start + step].to(queries.device))
 
+    @keeps_model_state
     def influence(
         self, inputs: Any, k: Optional[int] = None, proponents: bool = True
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
@@ -360,6 +360,7 @@ class _TracInBase(GradientFeatureInfluence):
         ]
         return KMostInfluentialResults(torch.cat([i for _, i in parts]), torch.cat([v for v, _ in parts]))
 
+    @keeps_model_state
     def self_influence(self, inputs: Any = None) -> torch.Tensor:
         """sum_c eta_c ||g_c(z)||^2 for every example of ``inputs`` (the training set when None): Tensor[n]."""
         features = self._train_features() if inputs is None else self._test_features(inputs)
@@ -388,11 +389,12 @@ class TracInCP(_TracInBase):
 
     Gradients are taken with respect to the parameters of ``layers`` only (names, module paths or
     modules; default every trainable parameter, BatchNorm, LayerNorm and Embedding ones included:
-    nothing is left out). Each ``nn.Linear`` whose parameters are all selected and belong to it
-    alone is kept as factors (inputs a and output gradients d, scored by (d . d')(a . a' + 1)
-    summed over positions) when that is cheaper than its explicit gradient, after a one-time check
-    against autograd on the first batch (a layer that fails it, with a warning, and every other
-    parameter go through the backend's ``per_example_grads``). ``projection_dim`` (an int) projects
+    nothing is left out). Every gradient comes from the backend's per-layer engine (hooks for
+    Linear, Conv, norm and embedding layers, vmap then a loop for the rest, each fallback with a
+    warning; checked once against single-example autograd). Each Linear (or transformers Conv1D)
+    whose parameters are all selected, belong to it alone and come from its hooks is kept as
+    factors (inputs a and output gradients d, scored by (d . d')(a . a' + 1) summed over
+    positions) when that is cheaper than its explicit gradient. ``projection_dim`` (an int) projects
     every checkpoint's whole gradient with a seeded random Projector, scores then being unbiased
     estimates; "auto" factors what pays and projects the rest only when it exceeds 8192 dimensions;
     None keeps everything exact.
@@ -438,19 +440,14 @@ class TracInCP(_TracInBase):
             return []
         owners = Counter(id(p) for m in self.model.modules() for p in m.parameters(recurse=False))
         selected = set(self.param_names)
-        return [
-            name for name, module in self.model.named_modules()
-            if type(module) is nn.Linear  # exactly: a subclass may use its weight differently
-            and all(owners[id(p)] == 1 for p in module.parameters(recurse=False))
-            and set(self._layer_params(name).values()) <= selected
-        ]
-
-    def _factor_check_failed(self, layer: str, error: float) -> None:
-        warnings.warn(
-            f"layers: the Linear layer {layer!r} does not give its per-example gradients from its inputs and "
-            f"output gradients (relative error {error:.1e}; its parameters are used outside its forward); "
-            "its gradients are taken by per_example_grads instead."
-        )
+        candidates = []
+        for name, module in self.model.named_modules():
+            rule, _ = rule_for(module)
+            own = list(module.parameters(recurse=False))
+            if (rule is not None and rule.factors is not None and own and all(owners[id(p)] == 1 for p in own)
+                    and set(self._layer_params(name).values()) <= selected):
+                candidates.append(name)
+        return candidates
 
 
 class TracInCPFast(_TracInBase):
@@ -479,8 +476,6 @@ class TracInCPFast(_TracInBase):
         >>> fast.influence((x_test, y_test), k=10, proponents=False)   # opponents
     """
 
-    _outer_products = True
-
     def __init__(
         self,
         model: nn.Module,
@@ -508,12 +503,15 @@ class TracInCPFast(_TracInBase):
     def _candidates(self) -> list[str]:
         return [self.layer_name]
 
-    def _factor_check_failed(self, layer: str, error: float) -> None:
-        raise ValueError(
-            f"final_fc_layer: {layer!r} does not give its per-example gradients from its inputs and output "
-            f"gradients (relative error {error:.1e} against autograd): its parameters are used outside its "
-            "forward; use TracInCP with layers=[...] instead."
-        )
+    def _not_factorable(self, layer: str) -> None:
+        """A layer whose weight is also used outside its forward has no gradient d a^T: refuse it.
+        (Shared with another layer, or a forward that couples the examples: explicit gradients.)"""
+        reason = self._engine.reasons.get(self._engine_path(layer), "")
+        if "outside" in reason:
+            raise ValueError(
+                f"final_fc_layer: {layer!r} does not give its per-example gradients from its inputs and "
+                f"output gradients ({reason}); use TracInCP with layers=[...] instead."
+            )
 
 
 def _linear_layer_name(model: nn.Module, layer: Union[nn.Module, str]) -> str:

@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names, shared_array
+from ._backend.grads import slice_batch
 from ._backend.solve import Features, as_tensor_block
 from ._checkpoints import LoadFunc
-from ._influence import GradientFeatureInfluence
+from ._influence import GradientFeatureInfluence, keeps_model_state
 from .tasks import ModelOutput, get_task
 
 # "auto" damping: lambda = _AUTO_DAMPING * trace(G) / n_train, the mean squared norm of the features
@@ -274,6 +275,11 @@ class TRAK(GradientFeatureInfluence):
                 f"({type(err).__name__}: {err}); expected inputs of the shape the model takes."
             ) from err
         phi = self._layer_grads.project(self._output, batch, projector)
+        if self._layer_grads.coupled:  # the forward couples the examples: Q of each example alone too
+            with torch.no_grad():
+                q = torch.cat([
+                    self.task.out_to_loss_grad(self.model, slice_batch(batch, b, b + 1)).reshape(-1, 1) for b in range(n)
+                ])
         rows = torch.cat([phi, q.to(phi)], dim=1)
         bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()
         if len(bad):
@@ -369,6 +375,7 @@ class TRAK(GradientFeatureInfluence):
     def _test_features(self, inputs: Any) -> torch.Tensor:
         return self._featurise_inputs(inputs)[0]
 
+    @keeps_model_state
     def compute_intermediate_quantities(self, inputs: Any, *, as_train: bool = False) -> torch.Tensor:
         """psi(z) = [L_m^{-1} phi_m(z) / sqrt(M)]_m, (n, M k): ``influence(z)[:, i]`` equals
         ``psi(z) . psi(z_i) * Q(z_i)``. With ``as_train=True`` each row is multiplied by its
@@ -377,6 +384,7 @@ class TRAK(GradientFeatureInfluence):
         psi, q = self._featurise_inputs(inputs)
         return psi * q[:, None] if as_train else psi
 
+    @keeps_model_state
     def self_influence(self, inputs: Any = None) -> torch.Tensor:
         """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None)."""
         if inputs is None:

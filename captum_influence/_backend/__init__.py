@@ -1,9 +1,9 @@
 """The one batched-gradient backend under every method: per-example gradients, projection,
 damped solves, blockwise scoring and the on-disk feature store."""
 
-from .grads import VmapUnsupportedError, batch_size_of, iter_per_example_grads, per_example_grads
+from .grads import VmapUnsupportedError, batch_size_of, iter_per_example_grads
 from .input_grads import input_grads
-from .layer_grads import LayerGrads, layer_per_example_grads, projected_grads
+from .layer_grads import LayerGrads, per_example_grads, projected_grads
 from .params import param_shapes, select_param_names
 from .projector import Projector
 from .scoring import check_k, iter_score_blocks, merge_topk, scores, topk
@@ -28,7 +28,6 @@ __all__ = [
     "input_grads",
     "iter_per_example_grads",
     "iter_score_blocks",
-    "layer_per_example_grads",
     "merge_topk",
     "param_shapes",
     "per_example_grads",

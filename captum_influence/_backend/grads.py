@@ -59,7 +59,7 @@ def _check_chunk_size(chunk_size: Optional[int]) -> None:
         raise ValueError(f"chunk_size: expected a positive int or None; got {chunk_size!r}.")
 
 
-def _slice(inputs: tuple, start: int, stop: int) -> tuple:
+def slice_batch(inputs: tuple, start: int, stop: int) -> tuple:
     return tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, inputs)
 
 
@@ -133,7 +133,7 @@ def iter_per_example_grads(
     names = select_param_names(model, params)
     check_eval_norms(model)
     if check_model:
-        check_deterministic(model, fn, _slice(inputs, 0, min(n, 2)))
+        check_deterministic(model, fn, slice_batch(inputs, 0, min(n, 2)))
     call = _Call(model, fn)
     selected = {name: p.detach() for name, p in model.named_parameters() if name in set(names)}
     frozen = {f"model.{name}": p.detach() for name, p in model.named_parameters() if name not in selected}
@@ -149,7 +149,7 @@ def iter_per_example_grads(
     step = chunk_size or n
     use_loop = False
     for start in range(0, n, step):
-        chunk = _slice(inputs, start, min(start + step, n))
+        chunk = slice_batch(inputs, start, min(start + step, n))
         if not use_loop:
             try:
                 yield start, batched_grad(selected, chunk)
@@ -157,7 +157,7 @@ def iter_per_example_grads(
             except ValueError:
                 raise
             except Exception as err:  # vmap cannot run this model
-                where = _culprit(call, inputs, lambda: batched_grad(selected, _slice(inputs, 0, 1)))
+                where = _culprit(call, inputs, lambda: batched_grad(selected, slice_batch(inputs, 0, 1)))
                 message = (
                     f"torch.func.vmap cannot run module {where!r} of the model at {failure_site(err)} "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
@@ -196,38 +196,5 @@ def single_example_grads(
 
 def _loop_grads(model: nn.Module, fn: OutputFn, inputs: tuple, names: list[str]) -> dict[str, torch.Tensor]:
     """Per-example gradients by one ``torch.autograd.grad`` call per example."""
-    rows = single_example_grads(model, fn, [_slice(inputs, b, b + 1) for b in range(batch_size_of(inputs))], names)
+    rows = single_example_grads(model, fn, [slice_batch(inputs, b, b + 1) for b in range(batch_size_of(inputs))], names)
     return {name: torch.stack([grads[name] for _, grads in rows]) for name in names}
-
-
-def per_example_grads(
-    model: nn.Module,
-    fn: OutputFn,
-    inputs: Any,
-    *,
-    params: ParamSpec = None,
-    chunk_size: Optional[int] = None,
-    fallback: str = "loop",
-) -> dict[str, torch.Tensor]:
-    """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]``.
-
-    Returns ``{name: Tensor[B, *param.shape]}`` with row b = d fn(...)[b] / d param, for the
-    parameters selected by ``params`` (names, module paths or modules; default all trainable),
-    and only those are differentiated. Computed as ``vmap(grad(.))`` over a functional call,
-    ``chunk_size`` examples at a time. Buffers are used as they are (BatchNorm must be in eval
-    mode). Inputs may be tensors or dicts of tensors batched on dim 0. When vmap cannot run the
-    model, a warning names the module and a loop of single-example gradients gives the same
-    numbers (``fallback="error"`` raises instead).
-
-    Example::
-
-        >>> fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
-        >>> grads = per_example_grads(model, fn, (x, y), params=[model.fc], chunk_size=32)
-    """
-    parts: dict[str, list[torch.Tensor]] = {}
-    for _, chunk in iter_per_example_grads(
-        model, fn, inputs, params=params, chunk_size=chunk_size, fallback=fallback
-    ):
-        for name, g in chunk.items():
-            parts.setdefault(name, []).append(g)
-    return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .grads import OutputFn, _as_tuple, _check_chunk_size, _slice, batch_size_of, iter_per_example_grads, single_example_grads
+from .grads import OutputFn, _as_tuple, _check_chunk_size, slice_batch, batch_size_of, iter_per_example_grads, single_example_grads
 from .layer_calls import LayerCall, module_path, output_grads, record_calls
 from .layer_rules import LayerRule, rule_for
 from .model_checks import check_deterministic, check_eval_norms
@@ -99,7 +99,7 @@ class LayerGrads:
     come from each layer's input and output gradient with batched products: the same numbers as
     a loop of single-example autograd calls, up to float rounding. Other parameters go to the
     vmap path and from there to a loop (``fallback="vmap"``, warning with the module's name) or
-    raise (``fallback="error"``). ``precision``: "exact" (the operands' dtype), "tf32" (TF32
+    raise (``fallback="error"``); ``vmap_fallback="error"`` raises where vmap cannot run the model. ``precision``: "exact" (the operands' dtype), "tf32" (TF32
     matrix products on GPU) or "bf16" (bfloat16 operands, float32 accumulation) for the per-layer
     products. ``check``: compare the first chunk with single-example autograd once (see the
     module docstring); a random model (Dropout in training mode) raises there.
@@ -119,6 +119,7 @@ class LayerGrads:
         fallback: str = "vmap",
         precision: str = "exact",
         check: bool = True,
+        vmap_fallback: str = "loop",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module; got {type(model).__name__}.")
@@ -126,6 +127,9 @@ class LayerGrads:
             raise ValueError(f"fallback: expected 'vmap' or 'error'; got {fallback!r}.")
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}; got {precision!r}.")
+        if vmap_fallback not in ("loop", "error"):
+            raise ValueError(f"vmap_fallback: expected 'loop' or 'error'; got {vmap_fallback!r}.")
+        self.vmap_fallback = vmap_fallback
         self.model = model
         self.names = select_param_names(model, params)
         self.fallback = fallback
@@ -186,12 +190,14 @@ class LayerGrads:
         return [name for name in self.names if name not in self.vmap_names and name not in self.shared_names]
 
     def hooks_cover(self, module: nn.Module) -> bool:
-        """True when every parameter of ``module`` is selected and computed by its hooks alone."""
+        """True when every parameter of ``module`` is selected, held by no other hooked module and
+        computed by its hooks alone: its gradients may then be kept as factors."""
         hooked = self._hooked.get(id(module))
         own = {name for name, _ in module.named_parameters(recurse=False)}
-        return not self.coupled and hooked is not None and set(hooked.attrs) == own and own and all(
-            name not in self.vmap_names for name in hooked.attrs.values()
-        )
+        if self.coupled or hooked is None or not own or set(hooked.attrs) != own:
+            return False
+        elsewhere = {name for key, h in self._hooked.items() if key != id(module) for name in h.attrs.values()}
+        return all(name not in self.vmap_names and name not in elsewhere for name in hooked.attrs.values())
 
     def _path(self, module: nn.Module) -> str:
         return module_path(self.model, module)
@@ -279,7 +285,7 @@ class LayerGrads:
         chunk = _as_tuple(chunk)
         n = batch_size_of(chunk)
         check_eval_norms(self.model)
-        check_deterministic(self.model, fn, _slice(chunk, 0, min(n, 2)))
+        check_deterministic(self.model, fn, slice_batch(chunk, 0, min(n, 2)))
         self._checked = True
         if not self.hook_names and not self.shared_names:
             return
@@ -360,7 +366,7 @@ class LayerGrads:
         and the batch-shared parameters whose expanded rows are not the examples' gradients."""
         examples = sorted({0, n // 2, n - 1})[:_CHECK_EXAMPLES]
         names = [name for name in per_example if name not in skip]
-        alone = single_example_grads(self.model, fn, [_slice(chunk, b, b + 1) for b in examples], names)
+        alone = single_example_grads(self.model, fn, [slice_batch(chunk, b, b + 1) for b in examples], names)
         not_shared: list[str] = []
         for i, b in enumerate(examples):
             single, grads = alone[i]
@@ -452,7 +458,9 @@ class LayerGrads:
                         sink(key, value)
             alone = self.names if self.coupled else self.vmap_names
             if alone:
-                for _, grads in iter_per_example_grads(self.model, fn, chunk, params=alone, check_model=False):
+                for _, grads in iter_per_example_grads(
+                    self.model, fn, chunk, params=alone, check_model=False, fallback=self.vmap_fallback
+                ):
                     for name, g in grads.items():
                         sink(name, g)
 
@@ -465,7 +473,7 @@ class LayerGrads:
         check_eval_norms(self.model)
         step = chunk_size or n
         for start in range(0, n, step):
-            yield start, _slice(inputs, start, min(start + step, n))
+            yield start, slice_batch(inputs, start, min(start + step, n))
 
     def grads(self, fn: OutputFn, inputs: Any, *, chunk_size: Optional[int] = None) -> dict[str, torch.Tensor]:
         """``{name: Tensor[B, *param.shape]}``, row b = d fn(...)[b] / d param, in ``names`` order."""
@@ -503,23 +511,42 @@ class LayerGrads:
             )
 
 
-def layer_per_example_grads(
+def per_example_grads(
     model: nn.Module,
     fn: OutputFn,
     inputs: Any,
     *,
     params: ParamSpec = None,
     chunk_size: Optional[int] = None,
-    fallback: str = "vmap",
-    precision: str = "exact",
+    method: str = "hooks",
+    fallback: str = "loop",
 ) -> dict[str, torch.Tensor]:
-    """:func:`per_example_grads` computed from layer hooks; see :class:`LayerGrads`.
+    """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]``.
+
+    Returns ``{name: Tensor[B, *param.shape]}`` with row b = d fn(...)[b] / d param, the same as a
+    loop of single-example autograd calls, for the parameters selected by ``params`` (names,
+    module paths or modules; default all trainable), ``chunk_size`` examples at a time. Inputs
+    may be tensors or dicts of tensors batched on dim 0. ``method="hooks"``: the engine
+    (:class:`LayerGrads`: layer hooks, then vmap for layers without a rule, then a loop, each
+    fallback with a warning naming the module); ``"vmap"``: ``vmap(grad(.))`` over a functional
+    call, then a loop. ``fallback="error"`` raises where vmap cannot run the model instead of
+    looping. A random model (Dropout in training mode) or BatchNorm in training mode raises.
 
     Example::
 
-        >>> grads = layer_per_example_grads(model, fn, (x, y), chunk_size=128)
+        >>> fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
+        >>> grads = per_example_grads(model, fn, (x, y), params=[model.fc], chunk_size=32)
     """
-    return LayerGrads(model, params, fallback=fallback, precision=precision).grads(fn, inputs, chunk_size=chunk_size)
+    if method == "hooks":
+        engine = LayerGrads(model, params, vmap_fallback=fallback)
+        return engine.grads(fn, inputs, chunk_size=chunk_size)
+    if method != "vmap":
+        raise ValueError(f"method: expected 'hooks' or 'vmap'; got {method!r}.")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for _, chunk in iter_per_example_grads(model, fn, inputs, params=params, chunk_size=chunk_size, fallback=fallback):
+        for name, g in chunk.items():
+            parts.setdefault(name, []).append(g)
+    return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}
 
 
 def projected_grads(

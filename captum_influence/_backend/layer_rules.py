@@ -168,19 +168,15 @@ def _batch_norm_unsupported(module: nn.Module) -> Optional[str]:
 
 
 def _layer_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
-    """x_hat = (x - mean) / sqrt(var + eps) over the last len(normalized_shape) dimensions."""
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, keepdim=True, unbiased=False)
-    return _affine_norm((x - mean) * torch.rsqrt(var + module.eps), d, len(dims), wanted)
+    """x_hat = (x - mean) / sqrt(var + eps) over the last len(normalized_shape) dimensions (one
+    fused layer_norm without affine parameters)."""
+    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return _affine_norm(x_hat, d, len(module.normalized_shape), wanted)
 
 
 def _group_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
     """x_hat normalised within each example's channel groups; weight and bias per channel."""
-    groups = x.reshape(x.shape[0], module.num_groups, -1)
-    mean = groups.mean(-1, keepdim=True)
-    var = groups.var(-1, keepdim=True, unbiased=False)
-    x_hat = ((groups - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+    x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
     return _affine_norm(x_hat.movedim(1, -1), d.movedim(1, -1), 1, wanted)
 
 

@@ -27,6 +27,8 @@ def select_param_names(model: nn.Module, params: ParamSpec = None, *, arg: str =
     if not items:
         raise ValueError(f"{arg}: an empty selection; pass None for all parameters or name some.")
     module_names = {id(m): name for name, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    name_of = {id(p): name for name, p in model.named_parameters()}
     chosen: set[str] = set()
     for item in items:
         if isinstance(item, nn.Module):
@@ -42,6 +44,8 @@ def select_param_names(model: nn.Module, params: ParamSpec = None, *, arg: str =
                 f"{arg}: expected parameter names, module paths or nn.Modules; got {type(item).__name__}."
             )
         hits = [n for n in all_names if n == prefix or prefix == "" or n.startswith(prefix + ".")]
+        if prefix in modules:  # a module's own parameters, also those listed under a tied name
+            hits += [name_of[id(p)] for p in modules[prefix].parameters()]
         if not hits:
             raise ValueError(
                 f"{arg}: {prefix!r} names no parameter or module of the model; "

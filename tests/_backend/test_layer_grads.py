@@ -5,7 +5,7 @@ from torch import nn
 
 import captum_influence as ci
 from captum_influence._backend import param_shapes
-from captum_influence._backend.layer_grads import LayerGrads, layer_per_example_grads, projected_grads
+from captum_influence._backend.layer_grads import LayerGrads, per_example_grads, projected_grads
 
 
 def ce_fn(model, x, y):
@@ -80,8 +80,8 @@ def lm_batch(n=7, length=5, vocab=11):
 def test_conv_norm_linear_equal_vmap():
     model = conv_net()
     x, y = torch.randn(6, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (6,))
-    ref = ci.per_example_grads(model, ce_fn, (x, y))
-    ours = layer_per_example_grads(model, ce_fn, (x, y), fallback="error")  # every layer by hooks
+    ref = ci.per_example_grads(model, ce_fn, (x, y), method="vmap")
+    ours = LayerGrads(model, fallback="error").grads(ce_fn, (x, y))  # every layer by hooks
     assert_close(ours, ref)
 
 
@@ -91,7 +91,7 @@ def test_embedding_layernorm_reused_and_tied_layers_equal_vmap():
     with torch.no_grad():
         model.norm.weight.normal_()
     tokens, y = lm_batch()
-    ref = ci.per_example_grads(model, ce_fn, (tokens, y))
+    ref = ci.per_example_grads(model, ce_fn, (tokens, y), method="vmap")
     lg = LayerGrads(model, fallback="error")
     assert lg.vmap_names == []
     assert_close(lg.grads(ce_fn, (tokens, y)), ref)  # the padding row included
@@ -112,7 +112,7 @@ def test_projection_as_produced_equals_projector_on_vmap_grads():
     x, y = torch.randn(9, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (9,))
     names = [n for n, _ in model.named_parameters()]
     proj = ci.Projector(param_shapes(model, names), 64, seed=2, dtype=torch.float64, block_rows=37)
-    ref = proj.project(ci.per_example_grads(model, ce_fn, (x, y)))
+    ref = proj.project(ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
     for chunk_size in (None, 4):
         ours = projected_grads(model, ce_fn, (x, y), proj, chunk_size=chunk_size)
         assert (ours - ref).abs().max() < 1e-10 * ref.abs().max()
@@ -121,7 +121,7 @@ def test_projection_as_produced_equals_projector_on_vmap_grads():
     # A parameter selection projects only those parameters' rows.
     sub = ci.Projector(param_shapes(model, ["fc.weight", "bn.bias"]), 32, seed=2, dtype=torch.float64)
     ours = projected_grads(model, ce_fn, (x, y), sub, params=["fc.weight", "bn.bias"])
-    ref = sub.project(ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "bn.bias"]))
+    ref = sub.project(ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "bn.bias"], method="vmap"))
     assert (ours - ref).abs().max() < 1e-10 * ref.abs().max()
 
 
@@ -173,7 +173,7 @@ class AttnNet(nn.Module):
 def test_module_without_rule_falls_back_with_warning_or_raises():
     model = AttnNet().double().eval()
     tokens, y = torch.randint(0, 20, (5, 4)), torch.randint(0, 3, (5,))
-    ref = ci.per_example_grads(model, ce_fn, (tokens, y))
+    ref = ci.per_example_grads(model, ce_fn, (tokens, y), method="vmap")
     with pytest.warns(UserWarning, match="module 'attn'.*MultiheadAttention"):
         lg = LayerGrads(model)
     assert lg.vmap_names == ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
@@ -182,7 +182,7 @@ def test_module_without_rule_falls_back_with_warning_or_raises():
         LayerGrads(model, fallback="error")
     # Selecting only parameters with a rule needs no fallback.
     assert_close(LayerGrads(model, ["emb", "head"], fallback="error").grads(ce_fn, (tokens, y)),
-                 ci.per_example_grads(model, ce_fn, (tokens, y), params=["emb", "head"]))
+                 ci.per_example_grads(model, ce_fn, (tokens, y), params=["emb", "head"], method="vmap"))
 
 
 class SharedOutside(nn.Module):
@@ -221,27 +221,27 @@ def test_checked_against_autograd_never_silently_wrong():
     with pytest.warns(UserWarning, match="'fc'.*fc.weight"):
         ours = lg.grads(ce_fn, (x, y))
     assert "fc.weight" in lg.vmap_names and "out.weight" not in lg.vmap_names
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y)))
+    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
 
     model = TimeFirst().double()
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match="'fc'.*first dimension is neither the batch"):
-        layer_per_example_grads(model, ce_fn, (x, y), fallback="error")
+        LayerGrads(model, fallback="error").grads(ce_fn, (x, y))
     with pytest.warns(UserWarning, match="'fc'.*first dimension is neither the batch"):
-        assert_close(layer_per_example_grads(model, ce_fn, (x, y)), ci.per_example_grads(model, ce_fn, (x, y)))
+        assert_close(per_example_grads(model, ce_fn, (x, y)), ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
     # When T happens to equal B the shapes cannot tell; the autograd check does.
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     with pytest.warns(UserWarning, match="'fc'"):
-        ours = layer_per_example_grads(model, ce_fn, (x, y))
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y)))
+        ours = per_example_grads(model, ce_fn, (x, y))
+    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
 
 
 def test_frozen_parameters_selected_by_name_and_model_left_as_is():
     model = conv_net()
     model.fc.weight.requires_grad_(False)
     x, y = torch.randn(4, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (4,))
-    ours = layer_per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"])
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"]))
+    ours = per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"])
+    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"], method="vmap"))
     assert not model.fc.weight.requires_grad
 
 
@@ -270,10 +270,10 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="method"):
         projected_grads(model, ce_fn, (x, y), ci.Projector(10, 8), method="loop")
     with pytest.raises(ValueError, match="in place"):
-        layer_per_example_grads(InPlaceInput(), lambda m, a: m(a).sum(1), (torch.randn(3, 3),))
+        per_example_grads(InPlaceInput(), lambda m, a: m(a).sum(1), (torch.randn(3, 3),))
     model.bn.train()
     with pytest.raises(ValueError, match="training mode"):
-        layer_per_example_grads(model, ce_fn, (x, y))
+        per_example_grads(model, ce_fn, (x, y))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
