@@ -568,10 +568,10 @@ print(f"test accuracy {(predicted == test_labels).float().mean():.3f}")
     md(r"""
 ## TRAK with `TextClassificationOutput`
 
-A batch is `(input_ids, attention_mask, labels)`; the task calls
-`model(input_ids=..., attention_mask=...)` (the names are `input_keys`, by default `input_ids`,
-then `token_type_ids` when there are three inputs, then `attention_mask`). The math is the
-classification margin.
+A batch is `(input_ids, attention_mask, labels)`; the task passes the inputs to the model
+exactly as the batch gives them, `model(input_ids, attention_mask)` (a `(encoding, labels)` batch
+as `model(**encoding)`; `input_keys=(...)` names positional inputs to pass them as keywords).
+The math is the classification margin.
 """),
     code(r"""
 train_set = TensorDataset(train_ids, train_mask, train_labels)
