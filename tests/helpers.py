@@ -314,18 +314,23 @@ class LSTMNet(nn.Module):
 
 
 class RowGate(nn.Module):
-    """Doubles each row whose sum is positive, deciding row by row in Python (``.item()``):
-    the same per example alone or in a batch, but torch.func.vmap cannot run it."""
+    """Scales each row whose sum is positive by a learned vector, deciding row by row in Python
+    (``.item()``): the same per example alone or in a batch, but torch.func.vmap cannot run it,
+    and no hook rule covers the custom module's parameter."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, width))
 
     def forward(self, h):
-        return torch.stack([row * 2 if row.sum().item() > 0 else row for row in h])
+        return torch.stack([row * self.scale if row.sum().item() > 0 else row for row in h])
 
 
 class GatedNet(nn.Module):
     def __init__(self, d: int = 4, hidden: int = 6, classes: int = 3):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, classes)
-        self.gate = RowGate()
+        self.gate = RowGate(hidden)
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.gate(self.fc1(x))))
