@@ -108,6 +108,25 @@ def test_forward_coupling_the_batch_gives_single_example_grads_and_warns(name):
         LayerGrads(model, fallback="error").grads(ce_fn, train)
 
 
+@pytest.mark.parametrize("engine", ["LayerGrads", "TracInCP"])
+def test_coupling_that_first_appears_in_a_later_chunk_is_caught(engine):
+    """Only the second chunk of 4 holds an input summing above the threshold: the first chunk is
+    the same batched or alone, so a check of the first chunk alone cannot see the coupling."""
+    model, (x, y), test = build("batch_max")
+    x = x.clone()
+    x[:4] = -x[:4].abs()
+    x[5] = 1.0  # sums to 4 > threshold 1
+    train = (x, y)
+    if engine == "LayerGrads":
+        with pytest.warns(UserWarning, match="couples the examples"):
+            ours = LayerGrads(model).grads(ce_fn, train, chunk_size=4)
+        assert_grads_equal(ours, loop_grads(model, ce_fn, train))
+    else:
+        with pytest.warns(UserWarning, match="couples the examples"):
+            scores = ci.TracInCP(model, TensorDataset(*train), [state_of(model)], batch_size=4).influence(test)
+        assert_scores_close(scores, tracin_reference(model, train, test))
+
+
 def test_lstm_is_exact_with_a_warning_naming_it():
     model, train, _ = build("lstm")
     with pytest.warns(UserWarning) as record:
