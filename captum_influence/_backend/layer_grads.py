@@ -135,8 +135,9 @@ class LayerGrads:
         self.fallback = fallback
         self.precision = precision
         self._checked = not check
-        #: True once the check found examples that interact: every gradient one example at a time.
+        #: True once the forward was found to couple the examples: each example then goes alone.
         self.coupled = False
+        self._guarded = 0  # chunks whose coupling was checked, to rotate the example compared
         #: why each module that is not on the hook path is not, by module path
         self.reasons: dict[str, str] = {}
         table = dict(model.named_parameters())
@@ -184,9 +185,7 @@ class LayerGrads:
 
     @property
     def hook_names(self) -> list[str]:
-        """Names computed from hooks (the rest, ``vmap_names``, one example at a time)."""
-        if self.coupled:
-            return []
+        """Names computed from hooks (the rest: ``vmap_names`` by vmap, ``shared_names`` expanded)."""
         return [name for name in self.names if name not in self.vmap_names and name not in self.shared_names]
 
     def hooks_cover(self, module: nn.Module) -> bool:
@@ -194,7 +193,7 @@ class LayerGrads:
         computed by its hooks alone: its gradients may then be kept as factors."""
         hooked = self._hooked.get(id(module))
         own = {name for name, _ in module.named_parameters(recurse=False)}
-        if self.coupled or hooked is None or not own or set(hooked.attrs) != own:
+        if hooked is None or not own or set(hooked.attrs) != own:
             return False
         elsewhere = {name for key, h in self._hooked.items() if key != id(module) for name in h.attrs.values()}
         return all(name not in self.vmap_names and name not in elsewhere for name in hooked.attrs.values())
@@ -213,7 +212,7 @@ class LayerGrads:
         table = dict(self.model.named_parameters())
         params = [table[name] for name in self.hook_names]
         frozen = [p for p in params if not p.requires_grad]
-        shared = {} if self.coupled else {
+        shared = {
             name: table[name].detach().expand(n, *table[name].shape[1:]).clone().requires_grad_(True)
             for name in self.shared_names
         }
@@ -339,15 +338,7 @@ class LayerGrads:
         if not_shared and coupling is None:
             self._unshare(not_shared, "its rows expanded to the batch are not each example's gradient")
         if coupling is not None:
-            message = (
-                f"model: the forward couples the examples of a batch: {coupling}. Per-example gradients "
-                "are those of each example alone, so they are taken one example at a time (vmap, else a loop): "
-                "exact, but slower than the hook path."
-            )
-            if self.fallback == "error":
-                raise ValueError(message + " Make forward treat each example independently.")
-            warnings.warn(message, stacklevel=4)
-            self.coupled = True
+            self._report_coupling(coupling)
             return
         if outside:
             self.vmap_names = [name for name in self.names if name in outside or name in self.vmap_names]
@@ -438,31 +429,91 @@ class LayerGrads:
         factored: Sequence[nn.Module] = (), factor_sink: Optional[Callable[[str, Factors], None]] = None,
     ) -> None:
         """Send every selected parameter's per-example gradient for ``chunk`` to ``sink`` (and the
-        factors of ``factored`` modules to ``factor_sink``)."""
+        factors of ``factored`` modules to ``factor_sink``). Once the forward is known to couple the
+        examples, each example goes through the same path alone (a batch of one cannot couple)."""
         self.check(fn, chunk)
         if any(not self.hooks_cover(m) for m in factored):
             bad = [self._path(m) for m in factored if not self.hooks_cover(m)]
             raise ValueError(f"factored: modules {bad} are not computed by the hooks alone; they cannot be factored.")
         n = batch_size_of(chunk)
         with _precision(self.precision):
-            if self.hook_names or (self.shared_names and not self.coupled):
-                dtype = torch.bfloat16 if self.precision == "bf16" else None
-                _, records, d_list, shared_grads, _ = self._run_hooks(fn, chunk, n)
-                for name, g in shared_grads.items():
+            if not self.coupled and self._pass(fn, chunk, n, factored, sink, factor_sink, guard=True):
+                return
+            grads: dict[str, list[torch.Tensor]] = {}
+            factors: dict[str, list[Factors]] = {}
+            for b in range(n):
+                example: dict[str, torch.Tensor] = {}
+
+                def add(name: str, g: torch.Tensor) -> None:
+                    example[name] = example[name] + g if name in example else g
+
+                parts: dict[str, list[Factors]] = {}
+                self._pass(fn, slice_batch(chunk, b, b + 1), 1, factored, add,
+                           lambda path, f: parts.setdefault(path, []).append(f), guard=False)
+                for name, g in example.items():
+                    grads.setdefault(name, []).append(g)
+                for path, pieces in parts.items():
+                    factors.setdefault(path, []).append((torch.cat([a for a, _ in pieces], 1), torch.cat([d for _, d in pieces], 1)))
+            for name, gs in grads.items():
+                sink(name, torch.cat(gs))
+            for path, fs in factors.items():
+                assert factor_sink is not None
+                if len({a.shape[1] for a, _ in fs}) > 1:
+                    raise ValueError(f"model: layer {path!r} runs at a different number of positions for different examples.")
+                factor_sink(path, (torch.cat([a for a, _ in fs]), torch.cat([d for _, d in fs])))
+
+    def _pass(
+        self, fn: OutputFn, chunk: tuple, n: int, factored: Sequence[nn.Module],
+        sink: Callable[[str, torch.Tensor], None], factor_sink: Optional[Callable[[str, Factors], None]], guard: bool,
+    ) -> bool:
+        """One batched forward and backward with hooks, then vmap (or a loop) for the rest. With
+        ``guard``, one example's output is first compared with its output alone, rotating over the
+        chunks, so a forward that couples the examples only in some batches is still caught:
+        nothing is sent then, and False returned."""
+        if self.hook_names or self.shared_names:
+            dtype = torch.bfloat16 if self.precision == "bf16" else None
+            out, records, d_list, shared_grads, _ = self._run_hooks(fn, chunk, n)
+            if guard and n > 1 and self._couples(fn, chunk, n, out):
+                return False
+            for name, g in shared_grads.items():
+                sink(name, g)
+            for key, value in self._contributions(records, d_list, n, dtype, factored):
+                if isinstance(value, tuple):
+                    assert factor_sink is not None
+                    factor_sink(key, value)
+                else:
+                    sink(key, value)
+        if self.vmap_names:
+            for _, grads in iter_per_example_grads(
+                self.model, fn, chunk, params=self.vmap_names, check_model=False, fallback=self.vmap_fallback
+            ):
+                for name, g in grads.items():
                     sink(name, g)
-                for key, value in self._contributions(records, d_list, n, dtype, factored):
-                    if isinstance(value, tuple):
-                        assert factor_sink is not None
-                        factor_sink(key, value)
-                    else:
-                        sink(key, value)
-            alone = self.names if self.coupled else self.vmap_names
-            if alone:
-                for _, grads in iter_per_example_grads(
-                    self.model, fn, chunk, params=alone, check_model=False, fallback=self.vmap_fallback
-                ):
-                    for name, g in grads.items():
-                        sink(name, g)
+        return True
+
+    def _couples(self, fn: OutputFn, chunk: tuple, n: int, out: torch.Tensor) -> bool:
+        """Compare one example's output in the batch with its output alone; on a difference, warn
+        (or raise with fallback="error") and mark the forward as coupling the examples."""
+        self._guarded += 1
+        b = (self._guarded * 2654435761) % n  # scattered over the positions from chunk to chunk
+        with torch.no_grad():
+            alone = fn(self.model, *slice_batch(chunk, b, b + 1)).reshape(())
+        scale = max(float(alone.abs()), float(out[b].abs()), torch.finfo(torch.float64).tiny)
+        error = float((out[b] - alone).abs()) / scale
+        if error <= _tolerance(out.dtype):
+            return False
+        self._report_coupling(f"example {b}'s output in a batch differs from its output alone (relative difference {error:.1e})")
+        return True
+
+    def _report_coupling(self, how: str) -> None:
+        message = (
+            f"model: the forward couples the examples of a batch: {how}. Per-example gradients are those "
+            "of each example alone, so each example now goes through the model alone: exact, but slower."
+        )
+        if self.fallback == "error":
+            raise ValueError(message + " Make forward treat each example independently.")
+        warnings.warn(message, stacklevel=5)
+        self.coupled = True
 
     # --- public entry points --------------------------------------------------------------
 

@@ -169,9 +169,9 @@ def test_vmap_failure_names_module_and_falls_back_to_same_numbers():
     model = ItemModel().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
     with pytest.raises(VmapUnsupportedError, match="gate"):
-        ci.per_example_grads(model, ce_fn, (x, y), fallback="error")
+        ci.per_example_grads(model, ce_fn, (x, y), fallback="error", method="vmap")
     with pytest.warns(UserWarning, match="gate"):
-        ours = ci.per_example_grads(model, ce_fn, (x, y))
+        ours = ci.per_example_grads(model, ce_fn, (x, y), method="vmap")
     assert_grads_equal(ours, loop_grads(model, ce_fn, (x, y), [n for n, _ in model.named_parameters()]))
 
 
