@@ -1,7 +1,7 @@
 """Per-example gradient + projection throughput on tiny transformers models, in examples/s.
 
 Tiny BERT (sequence classification), GPT-2 (language model) and ViT (image classification), built
-from configs with random weights (nothing downloaded), float32, eval mode, batch 32, 32 tokens
+from configs with random weights (nothing downloaded), float32, eval mode, batch 64 (TRAK's default batch_size; ``--batch``), 32 tokens
 for text, every trainable parameter, projected to 256 dimensions by one ``ci.Projector``. The
 per-example function is TRAK's margin of the labelled class (BERT, ViT) and minus the mean
 next-token cross-entropy (GPT-2). Timed side by side in one run, each after one untimed batch
@@ -43,7 +43,7 @@ import captum_influence as ci
 from captum_influence._backend import LayerGrads, param_shapes, select_param_names
 from captum_influence._backend.layer_grads import projected_grads
 
-BATCH, LENGTH, PROJECTION_DIM = 32, 32, 256
+BATCH, LENGTH, PROJECTION_DIM = 64, 32, 256
 
 
 # --- models, batches and per-example functions of the logits -----------------------------------
@@ -194,12 +194,15 @@ def run(name: str, transformers, n_batches: int) -> dict:
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two timed batches per method (the test suite's size)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches per method (default 10, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives steadier timings)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"examples per batch (default {BATCH}, TRAK's batch_size)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     args = parser.parse_args()
+    BATCH = args.batch
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -298,10 +298,12 @@ class LayerGrads:
         v = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
         try:
             out, records, d_list, shared_grads, ref = self._run_hooks(fn, chunk, n, v)
-        except Exception as err:
-            if not self.shared_names:
+        except RuntimeError:  # a shape error, most likely from a parameter that is not broadcast
+            failures = self._expansion_failures(fn, chunk, n)
+            if not failures:
                 raise
-            self._unshare(self.shared_names, f"expanded to the batch, the forward fails ({type(err).__name__}: {err})")
+            for name, err in failures.items():
+                self._unshare([name], f"expanded to the batch, the forward fails ({type(err).__name__}: {err})")
             return self._check_hooks(fn, chunk, n)
         unbatched: dict[str, str] = {}
         per_example: dict[str, torch.Tensor] = dict(shared_grads)
@@ -335,6 +337,9 @@ class LayerGrads:
                         "gradient): the parameter is used outside the module's forward"
                     )
         coupling, not_shared = self._coupling(fn, chunk, n, out, per_example, outside)
+        if coupling is not None and self.shared_names:  # rule out the expansion before blaming forward
+            self._unshare(self.shared_names, "expanded to the batch, it changes the model's output")
+            return self._check_hooks(fn, chunk, n)
         if not_shared and coupling is None:
             self._unshare(not_shared, "its rows expanded to the batch are not each example's gradient")
         if coupling is not None:
@@ -382,6 +387,19 @@ class LayerGrads:
                     f"(relative difference {error:.1e})"
                 ), []
         return None, sorted(set(not_shared))
+
+    def _expansion_failures(self, fn: OutputFn, chunk: tuple, n: int) -> dict[str, RuntimeError]:
+        """The batch-shared parameters with which, each expanded alone, the forward fails."""
+        table = dict(self.model.named_parameters())
+        failures = {}
+        for name in self.shared_names:
+            expanded = {name: table[name].detach().expand(n, *table[name].shape[1:])}
+            try:
+                with torch.no_grad(), _reparametrize_module(self.model, expanded):
+                    fn(self.model, *chunk)
+            except RuntimeError as err:
+                failures[name] = err
+        return failures
 
     def _unshare(self, names: Sequence[str], reason: str) -> None:
         """Send batch-shared parameters to the vmap path, saying why."""

@@ -19,6 +19,7 @@ n_i n_j x T^2 x (in + out) operations instead of n_i n_j x out x (in + 1) on exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -61,42 +62,32 @@ def _matrix_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tupl
     return a3, d3
 
 
-def _outer(a: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """sum_t d_t a_t^T for every example, one (B, out, T) x (B, T, in) product: (B, out, in)."""
-    return torch.bmm(_cast(d, dtype).transpose(1, 2), _cast(a, dtype))
+def _outer(a: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], weight_in_out: bool) -> torch.Tensor:
+    """sum_t d_t a_t^T for every example, one batched product: (B, out, in), or (B, in, out) for a
+    weight stored (in, out) (transformers' Conv1D, y = a W + c), made contiguous as it is."""
+    a, d = _cast(a, dtype), _cast(d, dtype)
+    return torch.bmm(a.transpose(1, 2), d) if weight_in_out else torch.bmm(d.transpose(1, 2), a)
 
 
-def _linear_from_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> Grads:
-    g = _outer(a, d, None)
-    in_features = module.weight.shape[1]
-    grads = {"weight": g[..., :in_features]}
+def _matrix_from_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor, weight_in_out: bool = False) -> Grads:
+    g = _outer(a, d, None, weight_in_out)
+    width_in = module.weight.shape[0 if weight_in_out else 1]
+    grads = {"weight": g[:, :width_in] if weight_in_out else g[..., :width_in]}
     if module.bias is not None:
-        grads["bias"] = g[..., in_features]
+        grads["bias"] = g[:, width_in] if weight_in_out else g[..., width_in]
     return grads
 
 
-def _linear(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _matrix(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set, weight_in_out: bool = False) -> Grads:
     """dW_b = sum_t d_{b,t} a_{b,t}^T; dc_b = sum_t d_{b,t}. Uses the weight's actual shape."""
     batch = a.shape[0]
     a3, d3 = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
     out = {}
     if "weight" in wanted:
-        out["weight"] = _outer(a3, d3, dtype)
+        out["weight"] = _outer(a3, d3, dtype, weight_in_out)
     if "bias" in wanted:
         out["bias"] = d3.sum(1)
     return out
-
-
-def _transposed(grads: Callable) -> Callable:
-    """A rule for y = a W + c (weight stored (in, out), as transformers' Conv1D) from the Linear one."""
-
-    def rule(module: nn.Module, *args):
-        out = grads(module, *args)
-        if "weight" in out:
-            out["weight"] = out["weight"].transpose(1, 2)
-        return out
-
-    return rule
 
 
 # --- convolutions ----------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def _embedding_unsupported(module: nn.Module) -> Optional[str]:
 
 # --- the registry ----------------------------------------------------------------------------
 
-_LINEAR = LayerRule(_linear, factors=_matrix_factors, from_factors=_linear_from_factors)
+_LINEAR = LayerRule(_matrix, factors=_matrix_factors, from_factors=_matrix_from_factors)
 _RULES: dict[type, LayerRule] = {
     nn.Linear: _LINEAR,
     nn.Conv1d: LayerRule(_conv),
@@ -223,7 +214,8 @@ _RULES: dict[type, LayerRule] = {
 # transformers' Conv1D (GPT-2) is y = a W + c with W stored (in, out).
 _RULES_BY_NAME: dict[str, LayerRule] = {
     "transformers.pytorch_utils.Conv1D": LayerRule(
-        _transposed(_linear), factors=_matrix_factors, from_factors=_transposed(_linear_from_factors)
+        partial(_matrix, weight_in_out=True), factors=_matrix_factors,
+        from_factors=partial(_matrix_from_factors, weight_in_out=True),
     ),
 }
 

@@ -295,3 +295,31 @@ def test_gpu_hooks_equal_vmap_and_bf16_close():
         low = ci.Projector(shapes, 256, seed=1, device="cuda", dtype=dtype)
         out = projected_grads(model, ce_fn, (x, y), low, precision=precision)
         assert ((out - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
+
+
+class _SharedParams(nn.Module):
+    """``cls`` (1, 1, 4) is broadcast over the batch like a class token; ``w`` (1, 4) is not: it
+    is used as a matrix, so expanding it to the batch changes (n = 4) or breaks (n = 6) forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.randn(1, 4))
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        h = h + h @ self.w.T
+        return self.out(torch.cat([self.cls.expand(x.shape[0], -1, -1), h[:, None]], 1).mean(1))
+
+
+@pytest.mark.parametrize("n", [4, 6])
+def test_batch_shared_parameters_exact_and_misused_ones_fall_back(n):
+    model = _SharedParams().double().eval()
+    x, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    with pytest.warns(UserWarning, match="parameter 'w'") as record:
+        lg = LayerGrads(model)
+        ours = lg.grads(ce_fn, (x, y))
+    assert not any("'cls'" in str(w.message) for w in record)
+    assert lg.shared_names == ["cls"] and lg.vmap_names == ["w"]
+    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
