@@ -211,6 +211,22 @@ def test_methods_compute_in_eval_mode_and_restore_every_flag(method, mixed):
     assert_scores_close(self_scores, _method(method, in_eval, train, state).self_influence(), 1e-6)
 
 
+@pytest.mark.parametrize("method", ["TRAK", "TracInCP", "TracInCPFast"])
+def test_methods_give_back_the_callers_weights(method):
+    """Checkpoints are loaded into the caller's model while scoring; its own weights come back."""
+    model, train, test = build("dropout_eval")
+    mine = {name: value.clone() for name, value in model.state_dict().items()}
+    other = {name: value + 1.0 for name, value in mine.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attribution = _method(method, model, train, other)
+        attribution.influence(test)
+        attribution.self_influence()
+        attribution.compute_intermediate_quantities(test)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, mine[name]), name
+
+
 # --- TRAK and TracInCP against the loop ------------------------------------------------------
 
 
