@@ -334,3 +334,17 @@ class GatedNet(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.gate(self.fc1(x))))
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    """A transformers BertForSequenceClassification from a small config (vocab 100, hidden 32, 2
+    layers, 3 labels), random weights, nothing downloaded, in eval mode; skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config).eval()

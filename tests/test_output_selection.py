@@ -8,6 +8,7 @@ from captum.attr import DeepLift, IntegratedGradients
 from torch import nn
 
 import captum_influence as ci
+from helpers import tiny_bert
 
 
 class Body(nn.Module):
@@ -286,15 +287,6 @@ def test_keyword_inputs_and_a_softmax_in_the_logits_field(wrap):
     (finding,) = ci.find_output_nonlinearities(model, x=x, scale=2.0)
     assert (finding.name, finding.kind, finding.dim, finding.is_output) == ("softmax", "functional", 1, True)
     assert "F.softmax(scale * self.fc2(hidden), dim=1)" in source_line(finding.where)
-
-
-def tiny_bert():
-    """A BertForSequenceClassification with random weights from a small config, in eval mode."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, num_labels=3)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def test_bert_sequence_classifier_output_with_keyword_inputs():

@@ -22,6 +22,7 @@ from helpers import (
     loop_grads,
     margin_fn,
     state_of,
+    tiny_bert,
     trak_reference,
     tracin_reference,
     user_warnings,
@@ -38,12 +39,7 @@ GRAD_RTOL = 1e-8
 
 
 def bert_model(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).double().eval()
+    return tiny_bert(seed).double()
 
 
 def bert_batch(n, seed):

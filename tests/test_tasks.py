@@ -15,6 +15,7 @@ from captum_influence.tasks import (
     TextClassificationOutput,
     get_task,
 )
+from helpers import tiny_bert
 
 
 class Given(nn.Module):
@@ -206,15 +207,6 @@ def test_text_classification_inputs_with_and_without_token_type_ids():
     assert_per_example_grads_match(task, model, (encoding, y))
     assert_per_example_grads_match(task, model, (ids, mask, y))
     assert_per_example_grads_match(named, model, (ids, kinds, mask, y))
-
-
-def tiny_bert():
-    """A BertForSequenceClassification with random weights from a small config, in eval mode."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, num_labels=3)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def bert_batch(n=5, length=8):
