@@ -2,6 +2,8 @@
 
 Every ``plot_*`` function takes torch tensors or numpy arrays, returns ``(fig, ax)`` and never
 calls ``plt.show()``; those that draw on a single axes accept ``ax=`` to draw into an existing one.
+``plot_attributions`` also takes ``captum.attr.visualization.visualize_image_attr``'s arguments in
+its order, so it can replace that function in Captum code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.figure import Figure
 from matplotlib.transforms import offset_copy
 
 from ._arrays import as_array, as_mask, check_length, squeeze_leading
@@ -48,9 +52,12 @@ def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def _new_axes(ax: Optional[Axes], fig_size: tuple[float, float]) -> tuple[Any, Axes]:
+def _new_axes(ax: Optional[Axes], fig_size: tuple[float, float], use_pyplot: bool = True) -> tuple[Any, Axes]:
     if ax is None:
-        return plt.subplots(figsize=fig_size)
+        if use_pyplot:
+            return plt.subplots(figsize=fig_size)
+        fig = Figure(figsize=fig_size)  # not registered with pyplot: never shown, no global state
+        return fig, fig.subplots()
     if not isinstance(ax, Axes):
         raise TypeError(f"ax: expected a matplotlib Axes; got {type(ax).__name__}.")
     return ax.figure, ax
@@ -102,6 +109,18 @@ def _delta_text(delta: Any) -> str:
 def _title(title: Optional[str], delta: Any) -> Optional[str]:
     parts = [p for p in (title, None if delta is None else _delta_text(delta)) if p]
     return "\n".join(parts) if parts else None
+
+
+def _fig_axis(plt_fig_axis: Any, ax: Optional[Axes]) -> tuple[Any, Axes]:
+    """Captum's ``plt_fig_axis=(figure, axes)``, checked: an Axes drawn on that figure, and no ``ax=`` too."""
+    if ax is not None:
+        raise ValueError("plt_fig_axis: got both plt_fig_axis and ax; pass the axes to draw on once.")
+    if not (isinstance(plt_fig_axis, (tuple, list)) and len(plt_fig_axis) == 2 and isinstance(plt_fig_axis[1], Axes)):
+        raise TypeError(f"plt_fig_axis: expected a (Figure, Axes) pair; got {plt_fig_axis!r}.")
+    fig, given = plt_fig_axis
+    if fig is not given.figure and fig is not given.get_figure(root=True):
+        raise ValueError("plt_fig_axis: the Axes is not on the given Figure; pass (ax.figure, ax).")
+    return fig, given
 
 
 def _check_outlier_perc(outlier_perc: float) -> None:
@@ -203,8 +222,13 @@ def _plot_image(
     else:
         ax.imshow(np.concatenate([_rgb(image), norm[:, :, None]], axis=2))
     _plain_image_axes(ax)
-    if show_colorbar and heat is not None:
-        ax.figure.colorbar(heat, ax=ax, orientation="horizontal", fraction=0.046, pad=0.04)
+    if show_colorbar:
+        # as Captum: without a heat map the colour bar's axes is still made, and hidden, so that
+        # panels with and without a heat map line up
+        mappable = ScalarMappable(Normalize(vmin, vmax), cmap) if heat is None else heat
+        bar = ax.figure.colorbar(mappable, ax=ax, orientation="horizontal", fraction=0.046, pad=0.04)
+        if heat is None:
+            bar.ax.set_axis_off()
 
 
 # ---------------------------------------------------------------- tabular and text
@@ -305,23 +329,25 @@ def attributions_to_html(
 def plot_attributions(
     attributions: Any,
     inputs: Any = None,
-    *,
-    kind: str = "auto",
     method: str = "heat_map",
     sign: Optional[str] = None,
+    plt_fig_axis: Optional[tuple[Figure, Axes]] = None,
     outlier_perc: float = 2,
     cmap: Any = None,
     alpha_overlay: float = 0.5,
-    channels_last: Optional[bool] = None,
     show_colorbar: bool = False,
+    title: Optional[str] = None,
+    fig_size: Optional[tuple[float, float]] = None,
+    use_pyplot: bool = True,
+    *,
+    kind: str = "auto",
+    channels_last: Optional[bool] = None,
     feature_names: Optional[Sequence[str]] = None,
     max_features: Optional[int] = None,
     tokens: Optional[Sequence[str]] = None,
     fontsize: float = 12,
     delta: Any = None,
-    title: Optional[str] = None,
     ax: Optional[Axes] = None,
-    fig_size: Optional[tuple[float, float]] = None,
 ):
     """Attributions of one example: an image heat map, bars per feature, or highlighted tokens.
 
@@ -339,7 +365,14 @@ def plot_attributions(
 
     ``delta`` (the completeness error sum(attr) - (F(x) - F(x'))) is written in the title.
 
+    The arguments up to ``use_pyplot`` are ``captum.attr.visualization.visualize_image_attr``'s, in
+    its order and with its defaults (``fig_size`` (6, 6) for images), so a call to that function
+    works unchanged: ``plt_fig_axis=(fig, ax)`` draws on an existing axes (as ``ax=``), and
+    ``use_pyplot=False`` makes a ``matplotlib.figure.Figure`` that pyplot does not know about.
+    Unlike Captum, the figure is never shown here: display or save the returned ``fig``.
+
     >>> fig, ax = plot_attributions(attr[0], images[0], method="blended_heat_map", delta=delta[0])
+    >>> fig, ax = plot_attributions(attr_hwc, image_hwc, "blended_heat_map", "all", None, 2, None, 0.5, True)
     """
     _check_choice(kind, "kind", KINDS)
     _check_outlier_perc(outlier_perc)
@@ -352,13 +385,16 @@ def plot_attributions(
             kind = "image"
     sign = ("absolute_value" if kind == "image" else "all") if sign is None else sign
     _check_choice(sign, "sign", SIGNS)
+    given_fig = None
+    if plt_fig_axis is not None:
+        given_fig, ax = _fig_axis(plt_fig_axis, ax)
     created = ax is None
     if kind == "text":
         if tokens is None:
             raise ValueError("tokens: kind='text' needs the tokens; got None.")
         attr = _one_row(attributions, "attributions")
         check_length(attr, "attributions", len(tokens), "token")
-        fig, ax = _new_axes(ax, fig_size or (8, 1))
+        fig, ax = _new_axes(ax, fig_size or (8, 1), use_pyplot)
         n_lines = _plot_text(ax, tokens, _signed_weights(attr, sign, outlier_perc), fontsize)
         if created and fig_size is None:
             # grow the figure we made to the wrapped text: lines of 2 x fontsize points, room for a title
@@ -368,17 +404,17 @@ def plot_attributions(
     elif kind == "tabular":
         n = squeeze_leading(as_array(attributions, "attributions")).size
         shown = n if max_features is None else min(n, max_features)
-        fig, ax = _new_axes(ax, fig_size or (6, 0.8 + 0.3 * shown))
+        fig, ax = _new_axes(ax, fig_size or (6, 0.8 + 0.3 * shown), use_pyplot)
         _plot_tabular(ax, attributions, inputs, sign, feature_names, max_features)
     else:
-        fig, ax = _new_axes(ax, fig_size or (5, 5))
+        fig, ax = _new_axes(ax, fig_size or (6, 6), use_pyplot)
         _plot_image(ax, attributions, inputs, method, sign, outlier_perc, cmap, alpha_overlay, channels_last, show_colorbar)
     full_title = _title(title, delta)
     if full_title:
         ax.set_title(full_title)
     if created and kind != "text":  # the text layout placed its axes itself
         fig.tight_layout()
-    return fig, ax
+    return (fig if given_fig is None else given_fig), ax
 
 
 # ---------------------------------------------------------------- data attribution

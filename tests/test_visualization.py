@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from captum.attr._utils.visualization import _normalize_attr  # noqa: E402
+from captum.attr._utils.visualization import _normalize_attr, visualize_image_attr  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
@@ -120,6 +121,111 @@ def test_image_bad_input_names_the_argument():
         vis.plot_attributions(np.full((8, 8), np.nan))
     with pytest.raises(ValueError, match="delta: expected one"):
         vis.plot_attributions(attr, delta=[1.0, 2.0])
+
+
+def _hwc_pair(dtype):
+    """Attributions and an image in Captum's (H, W, C) layout; the image in [0, 1] or 0..255."""
+    rng = np.random.default_rng(1)
+    attr = rng.standard_normal((8, 8, 3))
+    image = rng.uniform(size=(8, 8, 3))
+    return attr, (image if dtype == "float" else np.round(image * 255).astype(np.uint8))
+
+
+def _colormap_samples(image):
+    return image.get_cmap()(np.linspace(0, 1, 11))
+
+
+@pytest.mark.parametrize("dtype", ["float", "uint8"])
+@pytest.mark.parametrize("sign", vis.SIGNS)
+@pytest.mark.parametrize("method", vis.METHODS)
+def test_captum_call_form_draws_what_captum_draws(method, sign, dtype):
+    attr, image = _hwc_pair(dtype)
+    # visualize_image_attr's positional order: (attr, original_image, method, sign, plt_fig_axis,
+    # outlier_perc, cmap, alpha_overlay, show_colorbar, title, fig_size, use_pyplot)
+    args = (attr, image, method, sign, None, 5, None, 0.4, True, "swapped in", (4, 3), False)
+    try:
+        theirs_fig, theirs = visualize_image_attr(*args)
+    except AssertionError:  # Captum refuses with an assert; ours with a ValueError naming the argument
+        with pytest.raises(ValueError, match="^sign: 'all' cannot be shown"):
+            vis.plot_attributions(*args)
+        return
+    fig, ax = vis.plot_attributions(*args)
+    assert isinstance(fig, Figure) and ax.figure is fig
+    np.testing.assert_array_equal(fig.get_size_inches(), theirs_fig.get_size_inches())
+    assert ax.get_title() == theirs.get_title()
+    assert len(ax.images) == len(theirs.images)
+    # the colour bar: present under a heat map, an empty hidden axes otherwise, as Captum
+    assert [im.colorbar is not None for im in ax.images] == [im.colorbar is not None for im in theirs.images]
+    assert [a.axison for a in fig.axes] == [a.axison for a in theirs_fig.axes]
+    pictures = zip(ax.images, theirs.images)
+    if method in ("heat_map", "blended_heat_map"):
+        *pictures, (heat, their_heat) = pictures
+        np.testing.assert_allclose(heat.get_array(), their_heat.get_array(), rtol=0, atol=1e-6)
+        assert heat.get_clim() == their_heat.get_clim()
+        assert heat.get_alpha() == their_heat.get_alpha()
+        assert heat.get_cmap().name == their_heat.get_cmap().name
+        np.testing.assert_array_equal(_colormap_samples(heat), _colormap_samples(their_heat))
+    for ours, their in pictures:
+        # Captum draws the image (and the masked image, the alpha channel) as 8-bit integers, we as
+        # floats in [0, 1]: the same picture, but for Captum's truncations to 8 bits (two for a
+        # masked float image: the image, then the product)
+        levels = 2 if method == "masked_image" and dtype == "float" else 1
+        np.testing.assert_allclose(np.asarray(ours.get_array()) * 255, their.get_array(), rtol=0, atol=levels + 1e-9)
+
+
+def test_captum_call_form_defaults():
+    attr, image = _hwc_pair("float")
+    fig, ax = vis.plot_attributions(attr, image, use_pyplot=False)
+    theirs_fig, theirs = visualize_image_attr(attr, image, use_pyplot=False)
+    np.testing.assert_array_equal(fig.get_size_inches(), theirs_fig.get_size_inches())
+    np.testing.assert_allclose(ax.images[-1].get_array(), theirs.images[-1].get_array(), rtol=0, atol=1e-6)
+    assert ax.images[-1].get_cmap().name == theirs.images[-1].get_cmap().name == "Blues"
+    assert len(fig.axes) == len(theirs_fig.axes) == 1
+
+
+@pytest.mark.parametrize("method", [m for m in vis.METHODS if m != "heat_map"])
+def test_captum_call_form_without_image_names_the_argument(method):
+    attr = np.random.default_rng(0).standard_normal((8, 8, 3))
+    with pytest.raises(ValueError):
+        visualize_image_attr(attr, None, method, "positive", use_pyplot=False)
+    with pytest.raises(ValueError, match=f"^inputs: method={method!r} needs the original image"):
+        vis.plot_attributions(attr, None, method, "positive", use_pyplot=False)
+
+
+def test_use_pyplot_false_leaves_pyplot_alone(tmp_path):
+    attr, image = _hwc_pair("float")
+    before = plt.get_fignums()
+    figures = [
+        vis.plot_attributions(attr, image, "blended_heat_map", "all", show_colorbar=True, use_pyplot=False)[0],
+        vis.plot_attributions(attr, image, "original_image", show_colorbar=True, use_pyplot=False)[0],
+        vis.plot_attributions(np.arange(4.0) - 1.5, use_pyplot=False)[0],
+        vis.plot_attributions(np.arange(4.0) - 1.5, tokens=list("abcd"), use_pyplot=False)[0],
+    ]
+    assert plt.get_fignums() == before
+    for i, fig in enumerate(figures):
+        assert isinstance(fig, Figure)
+        _render(fig, tmp_path, f"no_pyplot_{i}")
+    assert plt.get_fignums() == before
+    vis.plot_attributions(attr, image)
+    assert len(plt.get_fignums()) == len(before) + 1
+
+
+def test_plt_fig_axis_draws_on_the_given_axes():
+    attr, image = _hwc_pair("float")
+    fig, axes = plt.subplots(1, 2)
+    out_fig, out_ax = vis.plot_attributions(attr, image, "masked_image", "positive", (fig, axes[1]), show_colorbar=True)
+    assert out_fig is fig and out_ax is axes[1]
+    assert len(fig.axes) == 3 and not fig.axes[2].axison  # the hidden colour-bar axes, as Captum
+    subfigure = plt.figure().subfigures(1, 2)[0]
+    sub_ax = subfigure.subplots()
+    root = sub_ax.get_figure(root=True)
+    assert vis.plot_attributions(attr, plt_fig_axis=(root, sub_ax))[0] is root
+    with pytest.raises(ValueError, match="^plt_fig_axis: got both"):
+        vis.plot_attributions(attr, plt_fig_axis=(fig, axes[0]), ax=axes[0])
+    with pytest.raises(ValueError, match="^plt_fig_axis: the Axes is not on the given Figure"):
+        vis.plot_attributions(attr, plt_fig_axis=(plt.figure(), axes[0]))
+    with pytest.raises(TypeError, match="^plt_fig_axis: expected a"):
+        vis.plot_attributions(attr, plt_fig_axis=axes[0])
 
 
 def test_tabular_bars_with_feature_names(tmp_path):
