@@ -8,6 +8,7 @@ score matrices, top-k results and self-influence, all blockwise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
@@ -142,7 +143,9 @@ class GradientFeatureInfluence(DataInfluence):
                 f"inputs: example shapes {shapes} do not match the training examples' {self._example_shapes}."
             )
 
-    def _featurise_train(self, n_rows: int, dim: int, compute: Callable, name: str, desc: str) -> Features:
+    def _featurise_train(
+        self, n_rows: int, dim: int, compute: Callable, name: str, desc: str, dtype: torch.dtype = torch.float32
+    ) -> Features:
         """Rows of ``compute((start, batch))`` for every training batch; in the store (resumable)
         when there is one. Under ``torch.distributed`` each rank computes its shard of the batches
         and every rank gets all the rows (through the shared store, or an all-reduce)."""
@@ -155,7 +158,7 @@ class GradientFeatureInfluence(DataInfluence):
 
         return fill_rows_sharded(
             self.train_loader, compute, n_rows=n_rows, dim=dim, store=self.store, name=name,
-            batches=on_device, show_progress=self.show_progress, desc=desc,
+            batches=on_device, show_progress=self.show_progress, desc=desc, dtype=dtype,
         )
 
     # --- the two feature maps -------------------------------------------------------------
@@ -167,9 +170,11 @@ class GradientFeatureInfluence(DataInfluence):
         raise NotImplementedError
 
     @keeps_model_state
-    def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
-        """Per-example vectors whose dot products with the training vectors give the scores."""
-        return self._test_features(inputs)
+    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> torch.Tensor:
+        """Per-example vectors whose dot products with the training vectors give the scores
+        (``aggregate``: their sum over the examples, (1, d))."""
+        vectors = self._test_features(inputs)
+        return vectors.sum(0, keepdim=True) if aggregate else vectors
 
     # --- scores ---------------------------------------------------------------------------
 
@@ -178,24 +183,68 @@ class GradientFeatureInfluence(DataInfluence):
             return block
         return block * self._train_weights[start:stop].to(block)
 
+    @property
+    def _score_dtype(self) -> torch.dtype:
+        """The dtype scores are computed and returned in."""
+        return torch.float32
+
+    def _clamp_k(self, k: Optional[int]) -> Optional[int]:
+        """``k`` checked to be a positive int (or None) and clamped to n_train, as in Captum."""
+        if k is None:
+            return None
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k: expected a positive int or None; got {k!r}.")
+        return min(k, self.n_train)
+
+    @contextlib.contextmanager
+    def _progress(self, show_progress: bool) -> Iterator[None]:
+        """Progress bars for one call (``show_progress`` of a method), as well as when the
+        constructor asked for them."""
+        before = self.show_progress
+        self.show_progress = before or bool(show_progress)
+        try:
+            yield
+        finally:
+            self.show_progress = before
+
     @keeps_model_state
     def influence(
-        self, inputs: Any, k: Optional[int] = None, proponents: bool = True
+        self,
+        inputs: Any,
+        k: Optional[int] = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
-        """Scores (n_test, n_train), positive when the training example helps; with ``k``, the top-k
-        proponents (or opponents) as ``KMostInfluentialResults(indices, influence_scores)``."""
+        """Scores (n_test, n_train), positive when the training example helps; with ``k`` (clamped
+        to n_train), the top-k proponents (or opponents) as ``KMostInfluentialResults(indices,
+        influence_scores)``. ``aggregate``: the scores summed over the test examples, (1, n_train),
+        and the top-k of that sum, as in Captum."""
+        with self._progress(show_progress):
+            return self._influence(inputs, self._clamp_k(k), proponents, aggregate)
+
+    def _influence(
+        self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
         queries = self._test_features(inputs).to(self.device)
         keys = self._train_features()
+        if aggregate:  # scores are linear in the query: the sum of scores is the sum's score
+            queries = queries.sum(0, keepdim=True)
         # Under torch.distributed the key blocks are split over the ranks and gathered (exact).
         if k is None:
-            return scores_sharded(queries, keys, transform=self._weight_columns)
-        values, indices = topk_sharded(queries, keys, k, largest=bool(proponents), transform=self._weight_columns)
+            return scores_sharded(queries, keys, transform=self._weight_columns, dtype=self._score_dtype)
+        values, indices = topk_sharded(
+            queries, keys, k, largest=bool(proponents), transform=self._weight_columns, dtype=self._score_dtype
+        )
         return KMostInfluentialResults(indices, values)
 
     @staticmethod
-    def _rowwise_scores(queries: Features, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192) -> torch.Tensor:
+    def _rowwise_scores(
+        queries: Features, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """Self-influence style scores <q_i, k_i> * w_i for aligned rows (tensors or memmaps), a block of rows at a time."""
-        out = torch.empty(queries.shape[0], dtype=torch.float32)
+        out = torch.empty(queries.shape[0], dtype=dtype)
         for start in range(0, queries.shape[0], block_size):
             stop = min(start + block_size, queries.shape[0])
             q = as_tensor_block(queries, start, stop, torch.float64)

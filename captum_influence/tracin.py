@@ -29,7 +29,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
-from ._backend import LayerGrads, Projector, batch_size_of, check_k, fill_rows, param_shapes, select_param_names
+from ._backend import LayerGrads, Projector, batch_size_of, fill_rows, param_shapes, select_param_names
 from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
@@ -48,16 +48,16 @@ _BLOCK_ELEMENTS = 2**24
 _QUERY_BLOCK = 1024
 
 
-def _check_loss_fn(loss_fn: Optional[LossFn]) -> LossFn:
+def _check_loss_fn(loss_fn: Optional[LossFn], arg: str = "loss_fn") -> LossFn:
     if loss_fn is None:
         return nn.CrossEntropyLoss(reduction="none")
     if not callable(loss_fn):
         raise TypeError(
-            f"loss_fn: expected a loss module or a callable loss(outputs, labels); got {type(loss_fn).__name__}."
+            f"{arg}: expected a loss module or a callable loss(outputs, labels); got {type(loss_fn).__name__}."
         )
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"loss_fn: reduction must be 'none', 'sum' or 'mean'; got {reduction!r}.")
+        raise ValueError(f"{arg}: reduction must be 'none', 'sum' or 'mean'; got {reduction!r}.")
     return loss_fn
 
 
@@ -85,6 +85,12 @@ def _example_losses(loss_fn: LossFn, outputs: Any, labels: Any) -> torch.Tensor:
         return loss_fn(o, y).sum()
 
     return vmap(one, in_dims=dims)(*leaves)
+
+
+def _check_flag(value: Any, arg: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg}: expected a bool; got {value!r}.")
+    return value
 
 
 def _check_projection_dim(projection_dim: ProjectionDim) -> None:
@@ -128,6 +134,7 @@ class _TracInBase(GradientFeatureInfluence):
         checkpoints_load_func: Optional[LoadFunc],
         *,
         loss_fn: Optional[LossFn],
+        test_loss_fn: Optional[LossFn],
         params: Any,
         batch_size: int,
         projection_dim: ProjectionDim,
@@ -141,6 +148,9 @@ class _TracInBase(GradientFeatureInfluence):
         )
         self._default_loss = loss_fn is None
         self.loss_fn = _check_loss_fn(loss_fn)
+        self._default_test_loss = test_loss_fn is None and loss_fn is None
+        self.test_loss_fn = self.loss_fn if test_loss_fn is None else _check_loss_fn(test_loss_fn, arg="test_loss_fn")
+        self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         _check_projection_dim(projection_dim)
         self.param_names = select_param_names(model, params, arg="layers")
         self._engine = LayerGrads(model, self.param_names)
@@ -164,11 +174,25 @@ class _TracInBase(GradientFeatureInfluence):
         """A candidate the engine does not compute from its hooks alone (``engine.reasons`` says why)."""
 
     def _loss(self, model: nn.Module, *batch) -> torch.Tensor:
+        """Each training example's own loss, Tensor[B]."""
+        return self._losses(model, batch, self.loss_fn, self._default_loss)
+
+    def _test_loss(self, model: nn.Module, *batch) -> torch.Tensor:
+        """Each test example's own loss (``test_loss_fn``, else ``loss_fn``), Tensor[B]."""
+        return self._losses(model, batch, self.test_loss_fn, self._default_test_loss)
+
+    @staticmethod
+    def _losses(model: nn.Module, batch: tuple, loss_fn: LossFn, default: bool) -> torch.Tensor:
         inputs, labels = split_batch(batch)
         outputs = call_model(model, inputs)
-        if self._default_loss:  # cross-entropy of the logits, also of a ModelOutput's
+        if default:  # cross-entropy of the logits, also of a ModelOutput's
             outputs = logits_of(outputs)
-        return _example_losses(self.loss_fn, outputs, labels)
+        return _example_losses(loss_fn, outputs, labels)
+
+    @property
+    def _score_dtype(self) -> torch.dtype:
+        """Scores in the model's floating dtype (float64 in, float64 out), as in Captum."""
+        return self._dtype
 
     def _layer_params(self, layer: str) -> dict[str, str]:
         """``{"weight": full name, "bias": full name}`` of a layer's own parameters."""
@@ -211,12 +235,13 @@ class _TracInBase(GradientFeatureInfluence):
 
     # --- rows ------------------------------------------------------------------------------
 
-    def _rows(self, batch: tuple, weight: float, explicit: bool = False) -> torch.Tensor:
-        """One batch's vectors at the loaded checkpoint, the gradients scaled by sqrt(weight).
-        ``explicit``: factored layers as explicit (flattened) gradients too."""
+    def _rows(self, batch: tuple, weight: float, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
+        """One batch's vectors at the loaded checkpoint, the gradients of ``loss`` (default: the
+        training loss) scaled by sqrt(weight). ``explicit``: factored layers as explicit
+        (flattened) gradients too."""
         layout, root = self._layout, math.sqrt(weight)
         modules = [self.model.get_submodule(layer) for layer, *_ in layout.factored]
-        chunk = self._engine.collect(self._loss, batch, factored=modules)
+        chunk = self._engine.collect(loss or self._loss, batch, factored=modules)
         parts = []
         for (layer, t, _, _), module in zip(layout.factored, modules):
             a, d = chunk.factors[self._engine_path(layer)]
@@ -248,7 +273,7 @@ class _TracInBase(GradientFeatureInfluence):
             yield index, weight
 
     def _stack(self, featurise: Callable[[Callable, int, str], torch.Tensor], first_batch: Callable[[], tuple],
-               n_rows: int, role: str, explicit: bool = False) -> torch.Tensor:
+               n_rows: int, role: str, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
         """``[rows at checkpoint 1, ..., rows at checkpoint C]`` for every example: (n_rows, C * width).
 
         ``featurise(compute, width, desc)`` gives one checkpoint's (n_rows, width) rows of
@@ -259,9 +284,10 @@ class _TracInBase(GradientFeatureInfluence):
             if self._layout is None:
                 self._layout = self._choose_layout(first_batch())
             width = self._layout.width(explicit)
-            rows = featurise(partial(self._rows, weight=weight, explicit=explicit), width, f"{role}: checkpoint {index}")
+            rows = featurise(partial(self._rows, weight=weight, explicit=explicit, loss=loss), width,
+                             f"{role}: checkpoint {index}")
             if out is None:
-                out = torch.empty(n_rows, len(self.checkpoints), width)
+                out = torch.empty(n_rows, len(self.checkpoints), width, dtype=self._dtype)
             out[:, index] = rows
         assert out is not None
         return out.reshape(n_rows, -1)
@@ -278,27 +304,32 @@ class _TracInBase(GradientFeatureInfluence):
         if self._train_cache is None:
 
             def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
-                return self._featurise_train(self.n_train, width, lambda item: compute(item[1]), "train", desc)
+                return self._featurise_train(
+                    self.n_train, width, lambda item: compute(item[1]), "train", desc, dtype=self._dtype
+                )
 
             self._train_cache = self._stack(featurise, self._first_train_batch, self.n_train, "train")
         return self._train_cache
 
-    def _test_features(self, inputs: Any, explicit: bool = False) -> torch.Tensor:
+    def _test_features(self, inputs: Any, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
+        """Stacked rows of ``inputs`` for the gradients of ``loss`` (default: the test loss)."""
         batches, n = self._test_batches(inputs)
 
         def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
             return fill_rows(
                 batches, compute, n_rows=n, dim=width, n_batches=len(batches), show_progress=self.show_progress,
-                desc=desc,
+                desc=desc, dtype=self._dtype,
             )
 
-        return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit)
+        return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit, loss or self._test_loss)
 
     @keeps_model_state
-    def compute_intermediate_quantities(self, inputs: Any) -> torch.Tensor:
-        """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c, (n, C * d), whose dot products are the
-        scores (the gradients in parameter order, factored layers first; projected ones last)."""
-        return self._test_features(inputs, explicit=True)
+    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> torch.Tensor:
+        """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c of the test loss, (n, C * d), whose dot
+        products are the scores (the gradients in parameter order, factored layers first;
+        projected ones last); ``aggregate``: their sum over the examples, (1, C * d)."""
+        vectors = self._test_features(inputs, explicit=True)
+        return vectors.sum(0, keepdim=True) if aggregate else vectors
 
     # --- scores ------------------------------------------------------------------------------
 
@@ -330,44 +361,56 @@ class _TracInBase(GradientFeatureInfluence):
         for start in range(0, keys.shape[0], step):
             yield start, self._pair_scores(queries, keys[start : start + step].to(queries.device))
 
-    @keeps_model_state
-    def influence(
-        self, inputs: Any, k: Optional[int] = None, proponents: bool = True
+    def _influence(
+        self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
-        """Scores (n_test, n_train), positive when the training example helps; with ``k``, the top-k
-        proponents (or opponents) per test example as ``KMostInfluentialResults(indices, influence_scores)``,
-        found block by block without the full matrix. Under ``torch.distributed`` the key blocks
-        are split over the ranks and gathered, exactly as one process computes them."""
-        if k is not None:
-            check_k(k, self.n_train)
+        """Scores and top-k found block by block without the full matrix; factored layers by their
+        factorised products. Under ``torch.distributed`` the key blocks are split over the ranks and
+        gathered, exactly as one process computes them."""
         keys = self._train_features()  # also fixes the layout
         if not self._layout.factored:
-            return super().influence(inputs, k, proponents)
+            return super()._influence(inputs, k, proponents, aggregate)
         queries = self._test_features(inputs).to(self.device)
         blocks = [queries[qs : qs + _QUERY_BLOCK] for qs in range(0, queries.shape[0], _QUERY_BLOCK)] or [queries]
+
+        def scores_of(q: torch.Tensor) -> torch.Tensor:
+            return scores_sharded(q, keys, block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks,
+                                  dtype=self._dtype)
+
+        if aggregate:  # factorised scores are not linear in the factors: sum the score blocks
+            total = sum(scores_of(q).sum(0, keepdim=True) for q in blocks)
+            if k is None:
+                return total
+            order = torch.sort(total, dim=1, descending=bool(proponents), stable=True).indices[:, :k]
+            return KMostInfluentialResults(order, total.gather(1, order))
         if k is None:
-            parts = [
-                scores_sharded(q, keys, block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks)
-                for q in blocks
-            ]
+            parts = [scores_of(q) for q in blocks]
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         parts = [
             topk_sharded(
                 q, keys, k, largest=bool(proponents), query_block_size=_QUERY_BLOCK,
-                block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks,
+                block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks, dtype=self._dtype,
             )
             for q in blocks
         ]
         return KMostInfluentialResults(torch.cat([i for _, i in parts]), torch.cat([v for v, _ in parts]))
 
     @keeps_model_state
-    def self_influence(self, inputs: Any = None) -> torch.Tensor:
-        """sum_c eta_c ||g_c(z)||^2 for every example of ``inputs`` (the training set when None): Tensor[n]."""
-        features = self._train_features() if inputs is None else self._test_features(inputs)
+    def self_influence(
+        self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
+    ) -> torch.Tensor:
+        """sum_c eta_c ||g_c(z)||^2 of the training loss for every example of ``inputs`` (the
+        training set when None): Tensor[n]. Checkpoints are always the outer loop here (each loaded
+        once), so ``outer_loop_by_checkpoints`` (Captum's choice of loop order) changes nothing."""
+        with self._progress(show_progress):
+            return self._self_influence(inputs)
+
+    def _self_influence(self, inputs: Any) -> torch.Tensor:
+        features = self._train_features() if inputs is None else self._test_features(inputs, loss=self._loss)
         if not self._layout.factored:
-            return self._rowwise_scores(features, features, None)
+            return self._rowwise_scores(features, features, None, dtype=self._dtype)
         n, n_ckpt = features.shape[0], len(self.checkpoints)
-        out = torch.empty(n)
+        out = torch.empty(n, dtype=self._dtype)
         for start in range(0, n, _QUERY_BLOCK):
             rows = features[start : start + _QUERY_BLOCK].to(self.device, torch.float64).reshape(-1, n_ckpt, features.shape[1] // n_ckpt)
             total = rows.new_zeros(rows.shape[0])
@@ -380,7 +423,7 @@ class _TracInBase(GradientFeatureInfluence):
                     )
                 offset = stop
             total += rows[:, :, offset:].pow(2).sum((1, 2))
-            out[start : start + rows.shape[0]] = total.cpu().float()
+            out[start : start + rows.shape[0]] = total.cpu().to(self._dtype)
         return out
 
 
@@ -401,9 +444,15 @@ class TracInCP(_TracInBase):
 
     ``loss_fn`` is a loss module with reduction "none", "sum" or "mean", or a callable
     loss(outputs, labels); each example's gradient is that of its own loss, whatever the
-    reduction (default: cross-entropy). ``compute_intermediate_quantities`` returns the stacked
-    vectors v(z) = [sqrt(eta_c) g_c(z)]_c, whose dot products are the scores. Training rows are
-    kept after the first call (n_train x C x row width floats; use ``projection_dim`` for big models).
+    reduction (default: cross-entropy); ``test_loss_fn`` (default ``loss_fn``) is the loss of the
+    test side of ``influence`` and of ``compute_intermediate_quantities``, as in Captum.
+    ``compute_intermediate_quantities`` returns the stacked vectors v(z) = [sqrt(eta_c) g_c(z)]_c,
+    whose dot products are the scores. Training rows are kept after the first call (n_train x C x
+    row width floats; use ``projection_dim`` for big models). Scores keep the model's dtype.
+
+    Captum's ``sample_wise_grads_per_batch`` only chooses its faster path for per-example
+    gradients; here they always come from the per-layer engine, so it is accepted and changes
+    nothing. Unlike Captum, bad input raises ``ValueError``/``TypeError`` (not ``AssertionError``).
 
     Example::
 
@@ -423,17 +472,20 @@ class TracInCP(_TracInBase):
         loss_fn: Optional[LossFn] = None,
         layers: Any = None,
         batch_size: int = 64,
+        test_loss_fn: Optional[LossFn] = None,
+        sample_wise_grads_per_batch: bool = False,
         projection_dim: ProjectionDim = None,
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
         seed: int = 0,
     ):
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, params=layers,
-            batch_size=batch_size, projection_dim=projection_dim, device=device,
+            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
+            params=layers, batch_size=batch_size, projection_dim=projection_dim, device=device,
             show_progress=show_progress, seed=seed,
         )
         self.layers = layers
+        self.sample_wise_grads_per_batch = _check_flag(sample_wise_grads_per_batch, "sample_wise_grads_per_batch")
 
     def _candidates(self) -> list[str]:
         if isinstance(self.projection_dim, int):
@@ -469,6 +521,9 @@ class TracInCPFast(_TracInBase):
     n_test x n_train x T^2 x (in + out) operations instead of n_test x n_train x out x (in + 1),
     whenever that is cheaper; otherwise (or with ``projection_dim``) from the explicit gradients
     d a^T, which ``compute_intermediate_quantities`` returns (weight then bias, stacked over checkpoints).
+    The gradients use the weight's actual shape (also after ``fc.weight.data`` was replaced).
+    ``test_loss_fn`` as in :class:`TracInCP`; Captum's ``vectorize`` (its Jacobian option) is
+    accepted and changes nothing.
 
     Example::
 
@@ -486,6 +541,8 @@ class TracInCPFast(_TracInBase):
         *,
         loss_fn: Optional[LossFn] = None,
         batch_size: int = 64,
+        test_loss_fn: Optional[LossFn] = None,
+        vectorize: bool = False,
         projection_dim: ProjectionDim = None,
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
@@ -493,10 +550,11 @@ class TracInCPFast(_TracInBase):
     ):
         layer_name = _linear_layer_name(model, final_fc_layer)
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn,
+            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
             params=model.get_submodule(layer_name), batch_size=batch_size, projection_dim=projection_dim,
             device=device, show_progress=show_progress, seed=seed,
         )
+        self.vectorize = _check_flag(vectorize, "vectorize")
         self.layer_name = layer_name
         self.final_fc_layer = model.get_submodule(layer_name)
 

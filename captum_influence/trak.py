@@ -376,17 +376,25 @@ class TRAK(GradientFeatureInfluence):
         return self._featurise_inputs(inputs)[0]
 
     @keeps_model_state
-    def compute_intermediate_quantities(self, inputs: Any, *, as_train: bool = False) -> torch.Tensor:
+    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False, *, as_train: bool = False) -> torch.Tensor:
         """psi(z) = [L_m^{-1} phi_m(z) / sqrt(M)]_m, (n, M k): ``influence(z)[:, i]`` equals
         ``psi(z) . psi(z_i) * Q(z_i)``. With ``as_train=True`` each row is multiplied by its
         example's mean out-to-loss weight Q, so that ``psi(z) @ psi_train(x).T`` are the scores of
-        the examples x as training examples for z."""
+        the examples x as training examples for z. ``aggregate``: the rows summed, (1, M k)."""
         psi, q = self._featurise_inputs(inputs)
-        return psi * q[:, None] if as_train else psi
+        rows = psi * q[:, None] if as_train else psi
+        return rows.sum(0, keepdim=True) if aggregate else rows
 
     @keeps_model_state
-    def self_influence(self, inputs: Any = None) -> torch.Tensor:
-        """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None)."""
+    def self_influence(
+        self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
+    ) -> torch.Tensor:
+        """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None).
+        Checkpoints are always the outer loop (``outer_loop_by_checkpoints`` is Captum's choice)."""
+        with self._progress(show_progress):
+            return self._self_influence(inputs)
+
+    def _self_influence(self, inputs: Any) -> torch.Tensor:
         if inputs is None:
             _, keys = self._fit()
             return self._rowwise_scores(keys, keys, self._train_weights)

@@ -398,5 +398,9 @@ def test_other_bad_arguments(linear_setup):
         TracInCP(model, train, checkpoints, _load, loss_fn="cross_entropy")
     with pytest.raises(ValueError, match="layers: 'head' names no parameter"):
         TracInCP(model, train, checkpoints, _load, layers=["head"])
-    with pytest.raises(ValueError, match=r"k: expected an int in \[1, 40\]; got 41"):
-        TracInCPFast(model, model[2], train, checkpoints, _load).influence(test, k=41)
+    fast = TracInCPFast(model, model[2], train, checkpoints, _load)
+    with pytest.raises(ValueError, match="k: expected a positive int or None; got 0"):
+        fast.influence(test, k=0)
+    clamped = fast.influence(test, k=41)  # clamped to n_train, as in Captum
+    assert clamped.indices.shape == (test[0].shape[0], 40)
+    assert torch.equal(clamped.indices.sort(1).values, torch.arange(40).expand(test[0].shape[0], 40))
