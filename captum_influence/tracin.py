@@ -450,6 +450,8 @@ class TracInCP(_TracInBase):
     whose dot products are the scores. Training rows are kept after the first call (n_train x C x
     row width floats; use ``projection_dim`` for big models). Scores keep the model's dtype.
 
+    Deliberate differences from Captum: the vectors are scaled by sqrt(eta_c) (Captum: eta_c), so
+    that their dot products are the scores; ``compute_intermediate_quantities`` uses the test loss.
     Captum's ``sample_wise_grads_per_batch`` only chooses its faster path for per-example
     gradients; here they always come from the per-layer engine, so it is accepted and changes
     nothing. Unlike Captum, bad input raises ``ValueError``/``TypeError`` (not ``AssertionError``).
