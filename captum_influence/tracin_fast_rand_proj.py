@@ -1,0 +1,115 @@
+"""TracInCPFastRandProj: TracInCPFast's final-layer gradients, randomly projected, with fast top-k.
+
+The stacked final-layer gradients v(z) = [sqrt(eta_c) g_c(z)]_c (g_c = d a^T with the bias column,
+see :class:`~captum_influence.TracInCPFast`) are projected by the package's seeded
+:class:`~captum_influence.Projector` when ``projection_dim`` is set, so that
+
+    TracIn(z, z') ~= <P^T v(z), P^T v(z')>        (exact without projection)
+
+and the top-k training examples of a test example are found among the projected training vectors:
+by the exact blockwise top-k of the backend (the default), or by an approximate
+nearest-neighbour index passed as ``nearest_neighbors`` (Captum's ``NearestNeighbors`` interface,
+for example ``captum.influence._utils.nearest_neighbors.AnnoyNearestNeighbors`` where the
+``annoy`` library is installed), whose ``setup`` gets the training vectors once and whose
+``get_nearest_neighbors(query, k)`` returns ``(indices, dot products)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from captum.influence._utils.common import KMostInfluentialResults
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._checkpoints import LoadFunc
+from ._influence import keeps_model_state
+from .tracin import LossFn, TracInCPFast
+
+
+class TracInCPFastRandProj(TracInCPFast):
+    """TracInCPFast on projected final-layer gradients, with an exact or approximate top-k.
+
+    Captum's constructor and methods: ``projection_dim`` (an int: each checkpoint's gradient is
+    projected to that many dimensions with a seeded Rademacher :class:`Projector`; None: exact
+    gradients), ``seed``, and ``nearest_neighbors`` (None: the exact blockwise top-k, no index;
+    else an object with Captum's ``NearestNeighbors`` methods ``setup(data)`` and
+    ``get_nearest_neighbors(query, k) -> (indices, scores)`` searched by dot product).
+    ``influence(inputs, k=5, proponents=True)`` returns the top-k as
+    ``KMostInfluentialResults``, or all scores (n_test, n_train) with ``k=None``. Scores include
+    the bias term (exact TracIn), which Captum's omits.
+
+    Example::
+
+        >>> tracin = TracInCPFastRandProj(model, model.fc, train_set, checkpoints, load_with_lr,
+        ...                               projection_dim=128)
+        >>> top = tracin.influence((x_test, y_test), k=10)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        final_fc_layer: Union[nn.Module, str],
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Any,
+        checkpoints_load_func: Optional[LoadFunc] = None,
+        *,
+        loss_fn: Optional[LossFn] = None,
+        batch_size: int = 64,
+        test_loss_fn: Optional[LossFn] = None,
+        vectorize: bool = False,
+        nearest_neighbors: Any = None,
+        projection_dim: Optional[int] = None,
+        seed: int = 0,
+        device: Union[str, torch.device, None] = None,
+        show_progress: bool = False,
+    ):
+        if projection_dim is not None and (
+            isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0
+        ):
+            raise ValueError(f"projection_dim: expected a positive int or None; got {projection_dim!r}.")
+        if nearest_neighbors is not None and not all(
+            callable(getattr(nearest_neighbors, m, None)) for m in ("setup", "get_nearest_neighbors")
+        ):
+            raise TypeError(
+                "nearest_neighbors: expected an object with setup(data) and get_nearest_neighbors(query, k) "
+                f"(Captum's NearestNeighbors); got {type(nearest_neighbors).__name__}."
+            )
+        super().__init__(
+            model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn,
+            batch_size=batch_size, test_loss_fn=test_loss_fn, vectorize=vectorize,
+            projection_dim=projection_dim, device=device, show_progress=show_progress, seed=seed,
+        )
+        self.nearest_neighbors = nearest_neighbors
+        self._index_ready = False
+
+    @keeps_model_state
+    def influence(  # type: ignore[override]
+        self,
+        inputs: Any,
+        k: Optional[int] = 5,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
+        """Top-k proponents (or opponents) per test example (``k=5`` as in Captum), or every score
+        with ``k=None``; from ``nearest_neighbors`` when one was given, else exactly."""
+        if self.nearest_neighbors is None or k is None or aggregate:
+            return super().influence(inputs, k, proponents, show_progress, aggregate)
+        k = self._clamp_k(k)
+        with self._progress(show_progress):
+            if not self._index_ready:
+                self.nearest_neighbors.setup(self._explicit_train_vectors())
+                self._index_ready = True
+            sign = 1.0 if proponents else -1.0
+            queries = self._test_features(inputs, explicit=True).to(self._dtype)
+            indices, scores = self.nearest_neighbors.get_nearest_neighbors(sign * queries, k)
+        return KMostInfluentialResults(indices, sign * scores)
+
+    def _explicit_train_vectors(self) -> torch.Tensor:
+        """The training set's stacked vectors with factored layers written out: (n_train, C * d)."""
+        keys = self._train_features()  # fixes the layout
+        if not self._layout.factored:
+            return keys
+        return self._test_features(self.train_dataset, explicit=True, loss=self._loss)
