@@ -10,6 +10,7 @@ from .completeness import CompletenessReport, check_completeness
 from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
 from .output_selection import find_output_nonlinearities, select_output
 from .rrr import RRRLoss
+from .similarity import SimilarityInfluence
 from .tracin import TracInCP, TracInCPFast
 from .trak import TRAK
 
@@ -21,6 +22,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "Projector",
     "RRRLoss",
+    "SimilarityInfluence",
     "TRAK",
     "TracInCP",
     "TracInCPFast",
