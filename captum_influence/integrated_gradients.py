@@ -273,6 +273,10 @@ class _PathIntegral:
     def has_convergence_delta(self) -> bool:
         return True
 
+    def attribute_future(self, *args: Any, **kwargs: Any) -> Any:
+        """Not implemented, as in Captum: attributions are computed synchronously."""
+        raise NotImplementedError(f"{type(self).__name__}.attribute_future is not implemented; use attribute.")
+
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs

@@ -330,3 +330,10 @@ def test_bad_inputs_and_nonfinite_outputs():
         ci.IntegratedGradients(TwoInputNet()).attribute((torch.ones(3, 5), torch.ones(2, 3)), target=0)
     with pytest.raises(ValueError, match="not finite"):
         ci.IntegratedGradients(lambda x: torch.log(x.sum(1))).attribute(torch.rand(3, 5), n_steps=4)
+
+
+def test_attribute_future_is_not_implemented_as_in_captum():
+    model = torch.nn.Linear(3, 2)
+    for cls in (ci.IntegratedGradients, CaptumIG):
+        with pytest.raises(NotImplementedError):
+            cls(model).attribute_future()
