@@ -12,6 +12,7 @@ from .output_selection import find_output_nonlinearities, select_output
 from .rrr import RRRLoss
 from .similarity import SimilarityInfluence
 from .tracin import TracInCP, TracInCPFast
+from .tracin_fast_rand_proj import TracInCPFastRandProj
 from .trak import TRAK
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "TRAK",
     "TracInCP",
     "TracInCPFast",
+    "TracInCPFastRandProj",
     "check_completeness",
     "find_output_nonlinearities",
     "metrics",

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
-from captum_influence.tracin_fast_rand_proj import TracInCPFastRandProj
+TracInCPFastRandProj = ci.TracInCPFastRandProj
 
 
 class BruteForceDot(NearestNeighbors):
