@@ -98,10 +98,14 @@ class GradientFeatureInfluence(DataInfluence):
         """Load each checkpoint once, in order, yielding ``(index, weight)``, the model in eval mode
         (public methods restore the caller's model afterwards: :func:`keeps_model_state`)."""
         self.model.to(self.device)
-        for index in tqdm(range(len(self.checkpoints)), desc=desc, disable=not self.show_progress, leave=False):
+        bar = tqdm(total=len(self.checkpoints), desc=desc, disable=not self.show_progress, leave=False)
+        for index in range(len(self.checkpoints)):
             weight = load_checkpoint(self.model, self.checkpoints[index], self.checkpoints_load_func, index)
             self.model.eval()
             yield index, weight
+            bar.update()
+        bar.refresh()  # the bar is cleared on close: show its final state once
+        bar.close()
 
     def _test_batches(self, inputs: Any) -> tuple[list[tuple[int, tuple]], int]:
         """``inputs`` (a batch tuple, a Dataset or a DataLoader) as ``[(start, batch)]`` and its size."""

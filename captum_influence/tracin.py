@@ -16,6 +16,7 @@ loop). A Linear layer's part of g is kept as factors (its inputs a and output gr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,7 +159,17 @@ class _TracInBase(GradientFeatureInfluence):
         self.seed = seed
         self._layout: Optional[_Layout] = None
         self._train_cache: Optional[torch.Tensor] = None
+        self._bars: dict[str, tuple[str, str]] = {}  # progress bar texts by role: (checkpoints, batches)
 
+    @contextlib.contextmanager
+    def _bar_texts(self, **roles: tuple[str, str]) -> Iterator[None]:
+        """Captum's progress bar texts for one call: ``role=(checkpoints bar, batches bar)``."""
+        before = self._bars
+        self._bars = {**before, **roles}
+        try:
+            yield
+        finally:
+            self._bars = before
     # --- the layout of a row, chosen on the first batch -------------------------------------
 
     @property
@@ -280,12 +291,12 @@ class _TracInBase(GradientFeatureInfluence):
         ``compute(batch)``; the layout, when not yet fixed, is chosen on ``first_batch()`` at the
         first checkpoint (the data's first batch, whichever rank asks, so that all ranks agree)."""
         out: Optional[torch.Tensor] = None
-        for index, weight in self._checkpoint_weights(f"{role}: checkpoints"):
+        checkpoints_desc, batches_desc = self._bars.get(role, (f"{role}: checkpoints", f"{role}: checkpoint"))
+        for index, weight in self._checkpoint_weights(checkpoints_desc):
             if self._layout is None:
                 self._layout = self._choose_layout(first_batch())
             width = self._layout.width(explicit)
-            rows = featurise(partial(self._rows, weight=weight, explicit=explicit, loss=loss), width,
-                             f"{role}: checkpoint {index}")
+            rows = featurise(partial(self._rows, weight=weight, explicit=explicit, loss=loss), width, batches_desc)
             if out is None:
                 out = torch.empty(n_rows, len(self.checkpoints), width, dtype=self._dtype)
             out[:, index] = rows
@@ -367,7 +378,12 @@ class _TracInBase(GradientFeatureInfluence):
         """Scores and top-k found block by block without the full matrix; factored layers by their
         factorised products. Under ``torch.distributed`` the key blocks are split over the ranks and
         gathered, exactly as one process computes them."""
-        keys = self._train_features()  # also fixes the layout
+        name = self.get_name()
+        goal = "compute influence" if k is None else f"perform computation for getting {'proponents' if proponents else 'opponents'}"
+        batches = (f"Using {name} to compute influence for training batches" if k is None
+                   else f"Using {name} to {goal}. Processing training batches")
+        with self._bar_texts(train=(f"Using {name} to {goal}. Processing checkpoint", batches)):
+            keys = self._train_features()  # also fixes the layout
         if not self._layout.factored:
             return super()._influence(inputs, k, proponents, aggregate)
         queries = self._test_features(inputs).to(self.device)
@@ -406,7 +422,10 @@ class _TracInBase(GradientFeatureInfluence):
             return self._self_influence(inputs)
 
     def _self_influence(self, inputs: Any) -> torch.Tensor:
-        features = self._train_features() if inputs is None else self._test_features(inputs, loss=self._loss)
+        what = f"Using {self.get_name()} to compute self influence. Processing"
+        texts = (f"{what} checkpoint", f"{what} batch")
+        with self._bar_texts(train=texts, inputs=texts):
+            features = self._train_features() if inputs is None else self._test_features(inputs, loss=self._loss)
         if not self._layout.factored:
             return self._rowwise_scores(features, features, None, dtype=self._dtype)
         n, n_ckpt = features.shape[0], len(self.checkpoints)

@@ -137,5 +137,6 @@ def fill_rows(
             done[index] = 1
             done.flush()
         bar.update()
+    bar.refresh()  # the bar is cleared on close: show its final state once
     bar.close()
     return out
