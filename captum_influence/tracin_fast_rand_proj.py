@@ -38,7 +38,10 @@ class TracInCPFastRandProj(TracInCPFast):
     ``get_nearest_neighbors(query, k) -> (indices, scores)`` searched by dot product).
     ``influence(inputs, k=5, proponents=True)`` returns the top-k as
     ``KMostInfluentialResults``, or all scores (n_test, n_train) with ``k=None``. Scores include
-    the bias term (exact TracIn), which Captum's omits.
+    the bias term (exact TracIn), which Captum's omits. Each checkpoint's vector has
+    ``projection_dim`` entries from one dense projection of the whole layer gradient; Captum
+    projects the layer's inputs and output gradients separately to int(sqrt(projection_dim))
+    each, so its vectors are shorter (and its projected scores use other random matrices).
 
     Example::
 
