@@ -600,6 +600,8 @@ def per_example_grads(
     fallback with a warning naming the module); ``"vmap"``: ``vmap(grad(.))`` over a functional
     call, then a loop. ``fallback="error"`` raises where vmap cannot run the model instead of
     looping. A random model (Dropout in training mode) or BatchNorm in training mode raises.
+    Each call checks the model once (a few single-example passes); for many batches keep one
+    ``LayerGrads(model, params)`` and call its ``grads``, as TRAK and TracIn do.
 
     Example::
 
@@ -634,6 +636,7 @@ def projected_grads(
 
     ``method="hooks"`` projects each layer's gradient as it is produced (:class:`LayerGrads`);
     ``method="vmap"`` projects the vmap gradients of each chunk. Both give the same numbers.
+    Each call checks the model once; for many batches keep one ``LayerGrads`` and call ``project``.
     """
     if method == "hooks":
         return LayerGrads(model, params, fallback=fallback, precision=precision).project(
