@@ -241,8 +241,7 @@ class _TracInBase(GradientFeatureInfluence):
 
     def _engine_path(self, layer: str) -> str:
         """The engine's name for a layer (its first path in the model, the same module)."""
-        module = self.model.get_submodule(layer)
-        return next(path for path, m in self.model.named_modules() if m is module)
+        return self._engine.path_of(self.model.get_submodule(layer))
 
     # --- rows ------------------------------------------------------------------------------
 

@@ -131,6 +131,7 @@ class LayerGrads:
             raise ValueError(f"vmap_fallback: expected 'loop' or 'error'; got {vmap_fallback!r}.")
         self.vmap_fallback = vmap_fallback
         self.model = model
+        self._paths = {id(m): path for path, m in reversed(list(model.named_modules()))}
         self.names = select_param_names(model, params)
         self.fallback = fallback
         self.precision = precision
@@ -198,8 +199,12 @@ class LayerGrads:
         elsewhere = {name for key, h in self._hooked.items() if key != id(module) for name in h.attrs.values()}
         return all(name not in self.vmap_names and name not in elsewhere for name in hooked.attrs.values())
 
-    def _path(self, module: nn.Module) -> str:
-        return module_path(self.model, module)
+    def path_of(self, module: nn.Module) -> str:
+        """``module``'s name in the model (the first, for a module registered twice)."""
+        path = self._paths.get(id(module))
+        return path if path is not None else module_path(self.model, module)
+
+    _path = path_of
 
     # --- one forward and backward with hooks ----------------------------------------------
 
