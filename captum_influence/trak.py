@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names, shared_array
 from ._backend.grads import slice_batch
 from ._backend.solve import Features, as_tensor_block
+from ._backend.store import data_fingerprint, file_digest, model_fingerprint
 from ._checkpoints import LoadFunc
 from ._influence import GradientFeatureInfluence, keeps_model_state
 from .tasks import ModelOutput, get_task
@@ -98,17 +99,17 @@ def _checkpoint_seed(seed: int, index: int) -> int:
 
 
 def _checkpoint_identity(checkpoint: Any) -> Any:
+    """A checkpoint's contents: the SHA-256 of a state dict's names and tensors, or of a file's bytes."""
     if isinstance(checkpoint, dict):
         h = hashlib.sha256()
         for name, value in checkpoint.items():
             h.update(str(name).encode())
             if isinstance(value, torch.Tensor):
-                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             else:
                 h.update(repr(value).encode())
         return {"state_dict_sha256": h.hexdigest()}
-    stat = os.stat(checkpoint)
-    return {"path": str(Path(checkpoint).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": os.stat(checkpoint).st_size, "sha256": file_digest(Path(checkpoint))}
 
 
 def _task_identity(task: ModelOutput) -> dict:
@@ -221,7 +222,8 @@ class TRAK(GradientFeatureInfluence):
         """Every setting that changes the stored features, factors or keys."""
         return {
             "method": "TRAK",
-            "model_params": {name: list(p.shape) for name, p in self.model.named_parameters()},
+            "model": model_fingerprint(self.model),
+            "data": data_fingerprint(self.train_loader),
             "layers": self.param_names,
             "checkpoints": [_checkpoint_identity(c) for c in self.checkpoints],
             "task": _task_identity(self.task),
@@ -300,35 +302,37 @@ class TRAK(GradientFeatureInfluence):
     def _fit(self) -> tuple[list[_Solve], Features]:
         """Featurise the training set at every checkpoint, factor G_m + lambda I, write the keys.
 
-        With a store, a checkpoint whose keys are written is not redone, and an unfinished one
-        resumes at its first unfinished batch."""
+        With a store, finished batches are not redone and a checkpoint whose keys are written
+        keeps its stored solve; a damaged file's work is redone (bit-identical) with a warning."""
         if self._solves is not None:
             return self._solves, self._keys
         n, k, count = self.n_train, self.feature_dim, len(self.checkpoints)
         if self.store is not None:  # opened by every rank under torch.distributed
-            keys: Features = shared_array(self.store, "keys", (n, count * k))
+            keys: Features = shared_array(self.store, "keys", (n, count * k), finite=True)
             done = shared_array(self.store, "keys.done", (count,), np.uint8)
         else:
             keys, done = torch.empty(n, count * k), np.zeros(count, dtype=np.uint8)
         q_sum = torch.zeros(n, dtype=torch.float64)
         solves = []
         for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
-            if done[index]:
-                rows = self.store.array(f"grads_{index}", (n, k + 1))
-                solve = _Solve(
-                    self.store.load_tensor(f"factor_{index}").to(self.device),
-                    *self.store.load_tensor(f"solve_{index}").tolist(),
-                )
-            else:
-                self._prepare()
-                projector = self._projector(index)
-                rows = self._featurise_train(
-                    n, k + 1,
-                    lambda item, p=projector, i=index: self._grads_and_q(p, item[0], item[1], i, "train_dataset"),
-                    name=f"grads_{index}", desc=f"checkpoint {index}: training set",
-                )
+            prepared = []
+            projector = self._projector(index)
+
+            def compute(item, p=projector, i=index):
+                if not prepared:  # only when a batch is featurised: finished batches are skipped
+                    self._prepare()
+                    prepared.append(True)
+                return self._grads_and_q(p, item[0], item[1], i, "train_dataset")
+
+            rows = self._featurise_train(
+                n, k + 1, compute, name=f"grads_{index}", desc=f"checkpoint {index}: training set"
+            )
+            solve = self._stored_solve(index) if done[index] else None
+            if solve is None:
                 solve = _solve_for(rows[:, :k], self.damping, n_checkpoints=count,
                                   inverse_scaling=self.inverse_scaling, device=self.device)
+                if self.store is not None:
+                    self.store.unfinish("keys")
                 self._write_keys(rows, keys, solve, index)
                 if self.store is not None:
                     self.store.save_tensor(f"factor_{index}", solve.factor)
@@ -337,9 +341,19 @@ class TRAK(GradientFeatureInfluence):
                     done.flush()
             q_sum += as_tensor_block(rows[:, k:], 0, n, torch.float64).flatten()
             solves.append(solve)
+        if self.store is not None and done.all():
+            self.store.finish("keys")
         self._train_weights = (q_sum / count).to(torch.float32)
         self._solves, self._keys = solves, keys
         return solves, keys
+
+    def _stored_solve(self, index: int) -> Optional[_Solve]:
+        """Checkpoint ``index``'s solve from the store, or None when a file of it is damaged."""
+        factor = self.store.load_tensor(f"factor_{index}")
+        settings = self.store.load_tensor(f"solve_{index}")
+        if factor is None or settings is None:
+            return None
+        return _Solve(factor.to(self.device), *settings.tolist())
 
     def _write_keys(self, rows: Features, keys: Features, solve: _Solve, index: int, block: int = 8192) -> None:
         k = self.feature_dim

@@ -88,15 +88,16 @@ def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [p.to(tensor.device) for p in parts]
 
 
-def shared_array(store: FeatureStore, name: str, shape: tuple, dtype=np.float32) -> np.memmap:
-    """``store.array(name, shape, dtype)`` opened by every rank: rank 0 creates a missing file
-    first, so that no rank opens a half-written file or truncates rows another rank wrote."""
+def shared_array(store: FeatureStore, name: str, shape: tuple, dtype=np.float32, *, finite: bool = False) -> np.memmap:
+    """``store.array(name, shape, dtype)`` opened by every rank: rank 0 checks the file (and
+    replaces a damaged one) or creates a missing one first, so that no rank opens a file being
+    replaced or truncates rows another rank wrote."""
     if rank_and_world()[1] == 1:
-        return store.array(name, shape, dtype)
+        return store.array(name, shape, dtype, finite=finite)
     if dist.get_rank() == 0:
-        store.array(name, shape, dtype)
-    dist.barrier()
-    return store.array(name, shape, dtype)
+        store.array(name, shape, dtype, finite=finite)
+    barrier()
+    return store.array(name, shape, dtype, finite=finite)
 
 
 def fill_rows_sharded(
@@ -136,8 +137,11 @@ def fill_rows_sharded(
         return out
     if store is None:
         return _all_reduce_sum(out)
-    dist.barrier()
-    return store.array(name, (n_rows, dim), np_dtype)  # reopened: every rank's rows, flushed
+    barrier()
+    out = store.array(name, (n_rows, dim), np_dtype)  # reopened: every rank's rows, flushed
+    if rank == 0 and store.flags(name, n_batches).all():
+        store.finish(name)
+    return out
 
 
 def _my_blocks(n: int, block_size: int) -> range:

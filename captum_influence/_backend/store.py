@@ -1,82 +1,392 @@
 """On-disk feature store: memory-mapped arrays, their settings, and per-batch progress.
 
-A store directory holds ``metadata.json`` (the settings that produced it), ``NAME.npy`` arrays
-(numpy memmaps) and ``NAME.done.npy`` flags, one per batch, set only after the batch's rows are
-flushed. A killed job rerun with the same settings skips finished batches; a store written with
-other settings is refused.
+A store directory holds ``metadata.json`` (the store format, the settings that produced it, and
+the size and SHA-256 of every finished file), ``NAME.npy`` arrays (numpy memmaps), ``NAME.done.npy``
+flags, one per batch, set only after the batch's rows are flushed, and ``NAME.pt`` tensors.
+
+Every file appears under its final name only once it is complete (written under a temporary
+name, fsynced, renamed), so a killed job leaves either no file or a whole one. An array being
+filled is resumable: a rerun with the same settings skips the finished batches; once every batch
+is done its checksum is recorded. On open, a file that is empty, of the wrong size, fails its
+checksum or (where asked) holds NaN or inf is damaged: its work is redone with a warning, or, for
+``metadata.json``, the store is refused. A store written with other settings, or a directory with
+files but no ``metadata.json``, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import mmap
 import os
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: metadata updates are not locked
+    fcntl = None
+
+# Raised when the layout or meaning of the files changes; a store of another format is refused.
+STORE_FORMAT = 2
+_METADATA = "metadata.json"
+_LOCK = ".lock"
+_CHUNK = 1 << 24
 
 
 def _normalise(metadata: dict) -> dict:
     return json.loads(json.dumps(metadata, sort_keys=True, default=str))
 
 
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     # A temporary name of its own, so that processes writing the same file (ranks of one job
     # saving the same metadata) never move each other's half-written file into place.
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _is_transient(name: str) -> bool:
+    """Files of ours that hold no results: the lock and temporaries of killed writers."""
+    return name == _LOCK or name.endswith(".tmp")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _update_digest(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"array {value.dtype} {value.shape};".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)};".encode())
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _update_digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _update_digest(h, item)
+    else:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def data_fingerprint(loader: Any) -> dict:
+    """SHA-256 over every example's tensors (inputs and labels) of a fixed-order loader: the
+    dataset's tensors directly for a ``TensorDataset``, else one pass over the loader's batches
+    (so the data must load the same way each time: no random augmentation)."""
+    h = hashlib.sha256()
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        _update_digest(h, list(dataset.tensors))
+        return {"n": len(dataset), "tensors_sha256": h.hexdigest()}
+    n = 0
+    for batch in loader:
+        batch = tuple(batch)
+        _update_digest(h, batch)
+        n += len(batch[-1])
+    return {"n": n, "batches_sha256": h.hexdigest()}
+
+
+def _module_source(module: torch.nn.Module) -> Optional[str]:
+    """A digest of the ``forward`` source of a module class defined outside torch, whose
+    functional calls (``F.relu`` against ``torch.tanh``) the module list cannot show."""
+    cls = type(module)
+    if cls.__module__.startswith("torch."):
+        return None
+    import inspect
+
+    try:
+        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+def model_fingerprint(model: torch.nn.Module) -> list:
+    """The model's architecture: every module's path, class and settings (``extra_repr``), with
+    the ``forward`` source of classes defined outside torch, and every parameter's shape and dtype."""
+    modules = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        entry = [name, f"{cls.__module__}.{cls.__qualname__}", module.extra_repr()]
+        source = _module_source(module)
+        if source is not None:
+            entry.append(source)
+        modules.append(entry)
+    params = [[name, list(p.shape), str(p.dtype)] for name, p in model.named_parameters()]
+    return [modules, params]
+
+
+def _damaged(file: Path, why: str) -> str:
+    return f"store_dir: {str(file)!r} is damaged ({why}); delete it or use another store_dir."
+
+
+def _npy_damage(file: Path, shape: tuple, dtype: np.dtype) -> Optional[str]:
+    """Why ``file`` is not a whole .npy array (None if it is one); raises on another shape."""
+    size = file.stat().st_size
+    if size == 0:
+        return "empty file"
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                return f"unknown .npy version {version}"
+            stored_shape, fortran, stored_dtype = read[version](f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, EOFError) as err:
+        return f"not a .npy array: {err}"
+    if fortran or tuple(stored_shape) != tuple(shape) or stored_dtype != np.dtype(dtype):
+        raise ValueError(
+            f"store_dir: array {file.stem!r} has shape {tuple(stored_shape)} {stored_dtype}; "
+            f"expected {tuple(shape)} {np.dtype(dtype)}."
+        )
+    expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
+    if size != expected:
+        return f"{size} bytes, expected {expected}: truncated or extended"
+    return None
 
 
 class FeatureStore:
-    """A directory of arrays tied to the settings in ``metadata``."""
+    """A directory of arrays and tensors tied to the settings in ``metadata``."""
 
     def __init__(self, path: Union[str, os.PathLike], metadata: dict):
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise ValueError(f"store_dir: expected a directory path (or None for no store); got {path!r}.")
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"store_dir: cannot create {str(self.path)!r}: {err}.") from err
+        if not os.access(self.path, os.R_OK | os.W_OK | os.X_OK):
+            raise ValueError(
+                f"store_dir: {str(self.path)!r} is not writable; pass a directory this process can write."
+            )
         self.metadata = _normalise(metadata)
-        meta_file = self.path / "metadata.json"
-        if meta_file.exists():
-            stored = json.loads(meta_file.read_text())
-            differing = sorted(k for k in set(stored) | set(self.metadata) if stored.get(k) != self.metadata.get(k))
-            if differing:
-                details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {self.metadata.get(k)!r}" for k in differing)
-                raise ValueError(
-                    f"store_dir: {str(self.path)!r} was written with other settings ({details}). "
-                    "Use another store_dir or delete this one."
-                )
-        else:
-            _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(self.metadata, indent=1, sort_keys=True)))
+        with self._locked():
+            stored = self._read_metadata()
+            if stored is None:
+                held = sorted(p.name for p in self.path.iterdir() if not _is_transient(p.name))
+                if held:
+                    raise ValueError(
+                        f"store_dir: {str(self.path)!r} holds files ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "
+                        f"but no {_METADATA}: it is not a feature store (or its metadata was deleted), so what it "
+                        "holds cannot be trusted. Use an empty directory or delete these files."
+                    )
+                self._write_metadata({"format": STORE_FORMAT, "settings": self.metadata, "files": {}})
+                return
+        if stored.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"store_dir: {str(self.path)!r} was written in store format {stored.get('format')!r}; this version "
+                f"reads format {STORE_FORMAT}. Use another store_dir or delete this one."
+            )
+        settings = stored["settings"]
+        differing = sorted(k for k in set(settings) | set(self.metadata) if settings.get(k) != self.metadata.get(k))
+        if differing:
+            details = "; ".join(f"{k}: stored {settings.get(k)!r:.300}, now {self.metadata.get(k)!r:.300}" for k in differing)
+            raise ValueError(
+                f"store_dir: {str(self.path)!r} was written with other settings ({details}). "
+                "Use another store_dir or delete this one."
+            )
 
-    def array(self, name: str, shape: tuple, dtype=np.float32) -> np.memmap:
-        """The array ``name`` of ``shape``, created zero-filled or reopened for update."""
-        file = self.path / f"{name}.npy"
-        if file.exists():
-            arr = np.load(file, mmap_mode="r+")
-            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+    # --- metadata and file records ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive access to ``metadata.json`` among the processes sharing the store."""
+        if fcntl is None:
+            yield
+            return
+        try:
+            fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise ValueError(f"store_dir: cannot write in {str(self.path)!r}: {err}.") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_metadata(self) -> Optional[dict]:
+        file = self.path / _METADATA
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            stored = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(_damaged(file, f"not valid JSON: {err}")) from err
+        if not isinstance(stored, dict) or not isinstance(stored.get("settings"), dict) or not isinstance(stored.get("files"), dict):
+            if isinstance(stored, dict) and "format" not in stored:
                 raise ValueError(
-                    f"store_dir: array {name!r} has shape {arr.shape} {arr.dtype}; expected {tuple(shape)} {np.dtype(dtype)}."
+                    f"store_dir: {str(self.path)!r} was written by an older version (no store format); "
+                    "use another store_dir or delete this one."
                 )
-            return arr
-        return np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=tuple(shape))
+            raise ValueError(_damaged(file, "not a store's metadata"))
+        return stored
+
+    def _write_metadata(self, stored: dict) -> None:
+        try:
+            _atomic_write(self.path / _METADATA, lambda p: Path(p).write_text(json.dumps(stored, indent=1, sort_keys=True)))
+        except PermissionError as err:
+            raise ValueError(f"store_dir: cannot write in {str(self.path)!r}: {err}.") from err
+
+    def _records(self) -> dict:
+        stored = self._read_metadata()
+        return stored["files"] if stored is not None else {}
+
+    def _set_record(self, file: str, record: Optional[dict]) -> None:
+        with self._locked():
+            stored = self._read_metadata()
+            if stored is None:
+                raise ValueError(_damaged(self.path / _METADATA, "deleted while the store was in use"))
+            if record is None:
+                stored["files"].pop(file, None)
+            else:
+                stored["files"][file] = record
+            self._write_metadata(stored)
+
+    def _record(self, file: Path) -> None:
+        self._set_record(file.name, {"size": file.stat().st_size, "sha256": file_digest(file)})
+
+    def _check(self, file: Path, record: dict, finite: bool = False) -> Optional[str]:
+        """Why a finished file does not match its record (None if it does)."""
+        if not file.exists():
+            return "missing"
+        size = file.stat().st_size
+        if size != record["size"]:
+            return f"{size} bytes, expected {record['size']}"
+        if file_digest(file) != record["sha256"]:
+            return "checksum mismatch"
+        if finite and file.suffix == ".npy":
+            arr = np.load(file, mmap_mode="r")
+            for start in range(0, arr.shape[0] if arr.ndim else 0, 4096):
+                if not np.isfinite(arr[start : start + 4096]).all():
+                    return "NaN or inf values"
+        return None
+
+    def _discard(self, name: str, why: str) -> None:
+        """Remove array ``name`` (and its flags: its work is redone), warning why."""
+        warnings.warn(f"store_dir: {str(self.path / f'{name}.npy')!r} is damaged ({why}); its rows are computed again.")
+        stems = [name] if name.endswith(".done") else [name, f"{name}.done"]
+        for stem in stems:
+            (self.path / f"{stem}.npy").unlink(missing_ok=True)
+            self._set_record(f"{stem}.npy", None)
+        if name.endswith(".done"):  # its array's rows are all rewritten: no longer finished
+            self._set_record(f"{name[: -len('.done')]}.npy", None)
+
+    # --- arrays -------------------------------------------------------------------------------
+
+    def array(self, name: str, shape: tuple, dtype=np.float32, *, finite: bool = False) -> np.memmap:
+        """The array ``name`` of ``shape``, created zero-filled or reopened for update. A damaged
+        file is removed (with its flags) and created anew; ``finite``: NaN or inf in a finished
+        array is damage too."""
+        file = self.path / f"{name}.npy"
+        record = self._records().get(file.name)
+        if record is not None:
+            why = self._check(file, record, finite)
+            if why is None:
+                why = _npy_damage(file, shape, dtype)
+        elif file.exists():
+            why = _npy_damage(file, shape, dtype)
+        else:
+            why = None
+        if why is not None:
+            self._discard(name, why)
+        if file.exists():
+            return np.load(file, mmap_mode="r+")
+
+        def create(tmp: str) -> None:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+            arr.flush()
+            del arr
+
+        try:
+            _atomic_write(file, create)
+        except PermissionError as err:
+            raise ValueError(f"store_dir: cannot write in {str(self.path)!r}: {err}.") from err
+        return np.load(file, mmap_mode="r+")
 
     def flags(self, name: str, count: int) -> np.memmap:
         """Per-batch completion flags of ``name``."""
         return self.array(f"{name}.done", (count,), np.uint8)
 
+    def finish(self, name: str) -> None:
+        """Record the size and checksum of array ``name`` and its flags once every batch is done
+        (a no-op for one already recorded)."""
+        records = self._records()
+        for stem in (name, f"{name}.done"):
+            file = self.path / f"{stem}.npy"
+            if file.name not in records and file.exists():
+                self._record(file)
+
+    def unfinish(self, name: str) -> None:
+        """Forget array ``name``'s checksum before rows of it are written again."""
+        if f"{name}.npy" in self._records():
+            self._set_record(f"{name}.npy", None)
+
+    # --- tensors ------------------------------------------------------------------------------
+
     def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        _atomic_write(self.path / f"{name}.pt", lambda p: torch.save(tensor.cpu(), p))
+        file = self.path / f"{name}.pt"
+        try:
+            _atomic_write(file, lambda p: torch.save(tensor.cpu(), p))
+        except PermissionError as err:
+            raise ValueError(f"store_dir: cannot write in {str(self.path)!r}: {err}.") from err
+        self._record(file)
 
     def load_tensor(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor ``name``, or None when it was never finished or is damaged (with a warning:
+        the caller computes it again)."""
         file = self.path / f"{name}.pt"
-        return torch.load(file, weights_only=True) if file.exists() else None
+        record = self._records().get(file.name)
+        if record is None:
+            return None  # never recorded: a writer was killed before finishing it
+        why = self._check(file, record)
+        if why is None:
+            try:
+                return torch.load(file, weights_only=True)
+            except Exception as err:  # the bytes match the record, yet torch cannot read them
+                why = f"unreadable: {err}"
+        warnings.warn(f"store_dir: {str(file)!r} is damaged ({why}); it is computed again.")
+        file.unlink(missing_ok=True)
+        self._set_record(file.name, None)
+        return None
 
 
 def release_pages(block: np.ndarray) -> None:
@@ -139,4 +449,6 @@ def fill_rows(
         bar.update()
     bar.refresh()  # the bar is cleared on close: show its final state once
     bar.close()
+    if done is not None and len(indices) == n_batches and done.all():
+        store.finish(name)
     return out
