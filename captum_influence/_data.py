@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
 
 
 def as_loader(data: Any, batch_size: int, *, arg: str = "train_dataset") -> DataLoader:
@@ -26,6 +26,28 @@ def as_loader(data: Any, batch_size: int, *, arg: str = "train_dataset") -> Data
     return loader
 
 
+def check_labelled(loader: DataLoader, arg: str = "train_dataset") -> None:
+    """Refuse, before any work, a dataset whose first item is not ``(*model_inputs, label)`` (a
+    custom ``collate_fn`` may build the tuples itself: then its batches are checked as they come)."""
+    if loader.collate_fn is default_collate and not isinstance(loader.dataset, IterableDataset):
+        check_item(loader.dataset[0], arg)
+
+
+def check_item(item: Any, arg: str) -> None:
+    """A dataset item must be a tuple ``(*model_inputs, label)``, as in captum.influence."""
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return
+    what = type(item).__name__
+    if isinstance(item, (tuple, list)):
+        what += f" of length {len(item)}"
+    elif isinstance(item, torch.Tensor):
+        what += f" of shape {tuple(item.shape)}"
+    raise ValueError(
+        f"{arg}: its items are a {what}; expected each item to be a tuple (*model_inputs, label) as in "
+        "captum.influence (for example a TensorDataset(x, y)): the last element is the label."
+    )
+
+
 def split_batch(batch: Any, *, arg: str = "inputs") -> tuple[tuple, torch.Tensor]:
     """``(model_inputs, labels)`` of a batch tuple whose last element is the label."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -36,10 +58,12 @@ def split_batch(batch: Any, *, arg: str = "inputs") -> tuple[tuple, torch.Tensor
     return tuple(batch[:-1]), batch[-1]
 
 
-def iter_batches(loader: DataLoader) -> Iterator[tuple[int, tuple]]:
-    """Yield ``(start_index, batch)`` over a fixed-order loader."""
+def iter_batches(loader: DataLoader, *, arg: str = "train_dataset") -> Iterator[tuple[int, tuple]]:
+    """Yield ``(start_index, batch)`` over a fixed-order loader; each batch must be a tuple
+    ``(*model_inputs, labels)``."""
     start = 0
     for batch in loader:
+        check_item(batch, arg)
         batch = tuple(batch)
         yield start, batch
         start += len(batch[-1])

@@ -24,9 +24,34 @@ from ._backend import FeatureStore, fill_rows_sharded, scores_sharded, topk_shar
 from ._backend.model_checks import preserved_modes
 from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
-from ._data import as_loader, iter_batches, split_batch, to_device
+from ._data import as_loader, check_labelled, iter_batches, split_batch, to_device
 
 Features = Union[torch.Tensor, np.ndarray]
+
+
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch.device this machine has, refused up front otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device: {device!r} is not a torch device ({err}); expected 'cpu', 'cuda', 'cuda:N', None "
+            "(the model's device) or a torch.device."
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device: {device!r} was asked for but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); expected 'cpu' or None (the model's device)."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {device!r} asks for GPU {resolved.index}; this machine has "
+                f"{torch.cuda.device_count()} (cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} was asked for but MPS is not available; expected 'cpu' or None.")
+    return resolved
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
@@ -82,10 +107,11 @@ class GradientFeatureInfluence(DataInfluence):
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.train_loader = as_loader(train_dataset, batch_size)
+        check_labelled(self.train_loader)
         self.n_train = len(self.train_loader.dataset)  # type: ignore[arg-type]
         self.checkpoints = resolve_checkpoints(checkpoints)
         self.checkpoints_load_func = checkpoints_load_func
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = _check_device(device) if device is not None else next(model.parameters()).device
         self.show_progress = show_progress
         self.store: Optional[FeatureStore] = None
         self._train_weights: Optional[torch.Tensor] = None
@@ -111,10 +137,16 @@ class GradientFeatureInfluence(DataInfluence):
         """``inputs`` (a batch tuple, a Dataset or a DataLoader) as ``[(start, batch)]`` and its size."""
         if isinstance(inputs, (Dataset, DataLoader)):
             loader = as_loader(inputs, self.batch_size, arg="inputs")
-            batches = list(iter_batches(loader))
+            check_labelled(loader, arg="inputs")
+            batches = list(iter_batches(loader, arg="inputs"))
         else:
             split_batch(inputs, arg="inputs")
             batches = [(0, tuple(inputs))]
+            labels = batches[0][1][-1]
+            if hasattr(labels, "__len__") and len(labels) == 0:
+                raise ValueError(
+                    "inputs: the batch is empty (labels of length 0); expected at least one test example."
+                )
         for _, batch in batches:
             self._check_shapes(batch)
         n = sum(len(batch[-1]) for _, batch in batches)

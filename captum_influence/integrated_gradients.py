@@ -241,6 +241,19 @@ def _report(convergence: Convergence, what: str) -> None:
         )
 
 
+def _check_finite(tensors: Tensors, arg: str) -> None:
+    """Refuse NaN or inf in ``inputs`` or ``baselines``: (x - x') * grad would be NaN there."""
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{arg if len(tensors) == 1 else f'{arg}[{i}]'}: NaN or inf in examples {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}; expected finite values (the attributions would be NaN there)."
+        )
+
+
 def _check_forward(forward_func: Any) -> None:
     if not callable(forward_func):
         raise TypeError(
@@ -330,6 +343,8 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
             return select_targets(self.forward_func(*points, *take(args, rows)), picked)
 
         path = _Path(start=format_baselines(baselines, x), end=x, output=output)
+        _check_finite(x, "inputs")
+        _check_finite(path.start, "baselines")
         return self._attribute_path(
             path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
             return_convergence_delta, as_tuple,

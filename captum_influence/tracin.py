@@ -17,6 +17,7 @@ loop). A Linear layer's part of g is kept as factors (its inputs a and output gr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
-from ._backend import LayerGrads, Projector, batch_size_of, fill_rows, param_shapes, select_param_names
+from ._backend import LayerGrads, VmapUnsupportedError, Projector, batch_size_of, fill_rows, param_shapes, select_param_names
 from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
@@ -47,6 +48,7 @@ _AUTO_PROJECTION_DIM = 4096
 # Score-block budget in elements: factorised blocks hold n_q x n_k x T^2 position pairs.
 _BLOCK_ELEMENTS = 2**24
 _QUERY_BLOCK = 1024
+_ARGS = {"train": "train_dataset", "inputs": "inputs"}  # the argument each role's data came from
 
 
 def _check_loss_fn(loss_fn: Optional[LossFn], arg: str = "loss_fn") -> LossFn:
@@ -86,6 +88,12 @@ def _example_losses(loss_fn: LossFn, outputs: Any, labels: Any) -> torch.Tensor:
         return loss_fn(o, y).sum()
 
     return vmap(one, in_dims=dims)(*leaves)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    return type(x).__name__
 
 
 def _check_flag(value: Any, arg: str) -> bool:
@@ -245,13 +253,21 @@ class _TracInBase(GradientFeatureInfluence):
 
     # --- rows ------------------------------------------------------------------------------
 
-    def _rows(self, batch: tuple, weight: float, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
-        """One batch's vectors at the loaded checkpoint, the gradients of ``loss`` (default: the
-        training loss) scaled by sqrt(weight). ``explicit``: factored layers as explicit
-        (flattened) gradients too."""
+    def _rows(self, item: tuple[int, tuple], *, weight: float, index: int, arg: str, explicit: bool = False,
+              loss: Optional[Callable] = None) -> torch.Tensor:
+        """The vectors of the batch ``item = (start, batch)`` of ``arg`` at the loaded checkpoint
+        ``index``, the gradients of ``loss`` (default: the training loss) scaled by sqrt(weight).
+        ``explicit``: factored layers as explicit (flattened) gradients too. Raises, naming the
+        examples, when a gradient is NaN or inf."""
+        start, batch = item
         layout, root = self._layout, math.sqrt(weight)
+        loss = loss or self._loss
+        self._check_labels(batch, self.test_loss_fn if loss == self._test_loss else self.loss_fn, arg, start)
         modules = [self.model.get_submodule(layer) for layer, *_ in layout.factored]
-        chunk = self._engine.collect(loss or self._loss, batch, factored=modules)
+        with self._failures(arg, start, batch, index):
+            chunk = self._engine.collect(loss, batch, factored=modules)
+        self._check_finite([x for pair in chunk.factors.values() for x in pair] + list(chunk.grads.values()),
+                           arg, start, index)
         parts = []
         for (layer, t, _, _), module in zip(layout.factored, modules):
             a, d = chunk.factors[self._engine_path(layer)]
@@ -275,12 +291,84 @@ class _TracInBase(GradientFeatureInfluence):
 
     def _checkpoint_weights(self, desc: str) -> Iterator[tuple[int, float]]:
         for index, weight in self._iter_checkpoints(desc):
-            if weight < 0:
+            if not math.isfinite(weight) or weight < 0:
                 raise ValueError(
                     f"checkpoints_load_func: returned the weight {weight!r} for checkpoint {index}; TracIn "
-                    "expects a non-negative learning rate (each checkpoint contributes eta_c * <g, g'>)."
+                    "expects a finite non-negative learning rate (each checkpoint contributes eta_c * <g, g'>)."
+                )
+            tensors = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+            bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if bad:
+                raise ValueError(
+                    f"checkpoints: checkpoint {index} holds NaN or inf in {bad[:10]}{' ...' if len(bad) > 10 else ''}; "
+                    "every gradient and score at it would be NaN. Expected finite weights: drop or fix that checkpoint."
                 )
             yield index, weight
+
+    def _check_finite(self, parts: list[torch.Tensor], arg: str, start: int, index: int) -> None:
+        """Refuse a batch whose per-example gradients (``parts``, (B, ...) each) are NaN or inf."""
+        finite = torch.stack([torch.isfinite(p.reshape(p.shape[0], -1)).all(dim=1) for p in parts]).all(dim=0)
+        if bool(finite.all()):
+            return
+        bad = ((~finite).nonzero().flatten() + start).tolist()
+        raise ValueError(
+            f"{arg}: the gradient of the loss at checkpoint {index} is NaN or inf for example indices "
+            f"{bad[:20]}{' ...' if len(bad) > 20 else ''}; these examples (NaN or inf inputs, or labels the loss "
+            "cannot take) need fixing before scores can be computed."
+        )
+
+    @staticmethod
+    def _check_labels(batch: tuple, loss_fn: LossFn, arg: str, start: int) -> None:
+        """Labels a cross-entropy (or NLL) loss cannot take, refused before any gradient: float
+        labels of shape (B,) and negative class indices (indices past the last class are found
+        when the loss fails, see :meth:`_failures`)."""
+        labels = batch[-1]
+        if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or not isinstance(labels, torch.Tensor):
+            return
+        if labels.is_floating_point():
+            if labels.dim() == 1:
+                raise TypeError(
+                    f"{arg}: labels of dtype {labels.dtype} and shape {tuple(labels.shape)} for "
+                    f"{type(loss_fn).__name__}; expected integer class indices (torch.long), or class "
+                    "probabilities of shape (B, n_classes)."
+                )
+            return
+        bad = ((labels < 0) & (labels != loss_fn.ignore_index)).nonzero().flatten()
+        if len(bad):
+            raise ValueError(
+                f"{arg}: labels {labels[bad[:5]].tolist()} at example indices {(bad[:20] + start).tolist()} are "
+                "negative; expected class indices in [0, n_classes)."
+            )
+
+    @contextlib.contextmanager
+    def _failures(self, arg: str, start: int, batch: tuple, index: int) -> Iterator[None]:
+        """A torch error of the model or loss on a batch of ``arg`` as a clear one: which examples,
+        what they are (shapes and dtypes) against what the model holds."""
+        try:
+            yield
+        except (RuntimeError, IndexError) as err:
+            if isinstance(err, VmapUnsupportedError):
+                raise
+            n = len(batch[-1]) if hasattr(batch[-1], "__len__") else 1
+            given = ", ".join(_describe(x) for x in batch[:-1])
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            expected = "inputs of the shapes and dtype the model takes"
+            if isinstance(err, IndexError) or "out of bounds" in text:
+                expected = f"labels that are class indices in [0, {self._n_classes(batch)})"
+            kind = TypeError if "dtype" in text or "scalar type" in text else ValueError
+            raise kind(
+                f"{arg}: the model or loss fails on examples {start}..{start + n - 1} at checkpoint {index} "
+                f"({type(err).__name__}: {text}); given inputs {given} and labels {_describe(batch[-1])} for a "
+                f"model of dtype {self._dtype}; expected {expected}."
+            ) from err
+
+    def _n_classes(self, batch: tuple) -> Any:
+        """The model's number of outputs on ``batch`` ("n_classes" when the forward itself fails)."""
+        try:
+            with torch.no_grad():
+                return logits_of(call_model(self.model, split_batch(batch)[0])).shape[-1]
+        except Exception:  # only for a message: the original error is raised anyway
+            return "n_classes"
 
     def _stack(self, featurise: Callable[[Callable, int, str], torch.Tensor], first_batch: Callable[[], tuple],
                n_rows: int, role: str, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
@@ -293,9 +381,13 @@ class _TracInBase(GradientFeatureInfluence):
         checkpoints_desc, batches_desc = self._bars.get(role, (f"{role}: checkpoints", f"{role}: checkpoint"))
         for index, weight in self._checkpoint_weights(checkpoints_desc):
             if self._layout is None:
-                self._layout = self._choose_layout(first_batch())
+                batch = first_batch()
+                with self._failures(_ARGS.get(role, role), 0, batch, index):
+                    self._layout = self._choose_layout(batch)
             width = self._layout.width(explicit)
-            rows = featurise(partial(self._rows, weight=weight, explicit=explicit, loss=loss), width, batches_desc)
+            compute = partial(self._rows, weight=weight, index=index, arg=_ARGS.get(role, role), explicit=explicit,
+                              loss=loss)
+            rows = featurise(compute, width, batches_desc)
             if out is None:
                 out = torch.empty(n_rows, len(self.checkpoints), width, dtype=self._dtype)
             out[:, index] = rows
@@ -314,9 +406,7 @@ class _TracInBase(GradientFeatureInfluence):
         if self._train_cache is None:
 
             def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
-                return self._featurise_train(
-                    self.n_train, width, lambda item: compute(item[1]), "train", desc, dtype=self._dtype
-                )
+                return self._featurise_train(self.n_train, width, compute, "train", desc, dtype=self._dtype)
 
             self._train_cache = self._stack(featurise, self._first_train_batch, self.n_train, "train")
         return self._train_cache
@@ -327,8 +417,8 @@ class _TracInBase(GradientFeatureInfluence):
 
         def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
             return fill_rows(
-                batches, compute, n_rows=n, dim=width, n_batches=len(batches), show_progress=self.show_progress,
-                desc=desc, dtype=self._dtype,
+                [(start, (start, batch)) for start, batch in batches], compute, n_rows=n, dim=width,
+                n_batches=len(batches), show_progress=self.show_progress, desc=desc, dtype=self._dtype,
             )
 
         return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit, loss or self._test_loss)

@@ -45,6 +45,10 @@ def batch_size_of(inputs: tuple, *, arg: str = "inputs") -> int:
         raise ValueError(
             f"{arg}: every tensor must share the batch (first) dimension; got shapes {shapes}."
         )
+    if leaves[0].shape[0] == 0:
+        raise ValueError(
+            f"{arg}: the batch is empty (shapes {[tuple(x.shape) for x in leaves]}); expected at least one example."
+        )
     return leaves[0].shape[0]
 
 
