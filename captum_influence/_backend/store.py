@@ -244,12 +244,12 @@ class FeatureStore:
     def _read_metadata(self) -> Optional[dict]:
         file = self.path / _METADATA
         try:
-            text = file.read_text()
+            text = file.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            stored = json.loads(text)
-        except json.JSONDecodeError as err:
+            stored = json.loads(text.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(_damaged(file, f"not valid JSON: {err}")) from err
         if not isinstance(stored, dict) or not isinstance(stored.get("settings"), dict) or not isinstance(stored.get("files"), dict):
             if isinstance(stored, dict) and "format" not in stored:
