@@ -409,6 +409,13 @@ def check_completeness(
     for arg, value, low in (("rtol", rtol, 0.0), ("atol", atol, 0.0)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{arg}: expected a float >= 0; got {value!r}.")
+    for arg in ("n_steps", "n_samples"):  # checked here: Captum would assert, or divide by zero
+        value = attribute_kwargs.get(arg, 1)
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg}: expected a positive int (or 'auto' for ci.IntegratedGradients); got {value!r}.")
+    batch = attribute_kwargs.get("internal_batch_size")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"internal_batch_size: expected a positive int or None; got {batch!r}.")
     if "return_convergence_delta" in attribute_kwargs:
         raise ValueError("return_convergence_delta: check_completeness measures delta itself; do not pass it.")
     x, _ = format_inputs(inputs, floating=False)

@@ -418,6 +418,10 @@ def select_output(model: nn.Module, output: str = "logits", *, example_inputs: A
     return selected
 
 
+def _shape_or_type(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def find_output_nonlinearities(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> list[Finding]:
     """Each nonlinearity between ``model``'s last parameterised layer and its output, in call order.
 
@@ -441,8 +445,17 @@ def find_output_nonlinearities(model: nn.Module, *example_inputs: Any, **example
         raise ValueError(
             "example_inputs: expected at least one input for model's forward, positional or keyword; got none."
         )
-    with torch.no_grad():
-        traced = _trace(model, example_inputs, example_kwargs)
+    try:
+        with torch.no_grad():
+            traced = _trace(model, example_inputs, example_kwargs)
+    except (RuntimeError, IndexError, TypeError) as err:
+        given = [_shape_or_type(x) for x in example_inputs]
+        given += [f"{k}={_shape_or_type(v)}" for k, v in example_kwargs.items()]
+        raise ValueError(
+            f"example_inputs: the model's forward fails on the inputs given ({', '.join(given)}): "
+            f"{type(err).__name__}: {str(err).strip()}; expected inputs the model takes, for example one batch "
+            "of its data."
+        ) from err
     found = traced.output_call()
     output_call = found[0] if found is not None else None
     findings = []

@@ -62,7 +62,8 @@ class RRRLoss(nn.Module):
     class probabilities (B, K), as for ``F.cross_entropy``. ``inputs`` is a tensor or a tuple of
     tensors and ``mask`` a tensor or a tuple with one entry per input (``None``: that input is not
     penalised); each mask broadcasts to its input (e.g. (H, W) for images (B, C, H, W)) and may be
-    boolean or real-valued (per-feature weights). Weight decay belongs to the optimiser.
+    boolean or real-valued (finite per-feature weights). NaN or inf in the inputs or a mask, and
+    labels outside [0, K), are refused. Weight decay belongs to the optimiser.
 
     After each call, ``last_terms`` holds the two terms (detached) for logging.
 
@@ -113,6 +114,7 @@ class RRRLoss(nn.Module):
         inputs = _as_tuple(inputs, "inputs")
         n = _check_labels(labels, inputs)
         masks = _check_masks(inputs, mask)
+        _check_finite_inputs(inputs)
         self._warn_batchnorm(model)
 
         penalised = [i for i, m in enumerate(masks) if m is not None]
@@ -208,8 +210,30 @@ def _check_masks(inputs: tuple, mask: MaskSpec) -> list[Optional[torch.Tensor]]:
             raise ValueError(
                 f"{where}: shape {tuple(m.shape)} does not broadcast to the input's shape {tuple(x.shape)}."
             )
+        if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+            raise ValueError(
+                f"{where}: NaN or inf at {_first_bad(m)}; expected finite per-feature weights (or a boolean mask)."
+            )
         checked.append(m.to(device=x.device, dtype=x.dtype))
     return checked
+
+
+def _first_bad(t: torch.Tensor) -> str:
+    """Where a tensor is not finite, for a message: the first few positions."""
+    bad = (~torch.isfinite(t)).nonzero()
+    return f"positions {[tuple(p) for p in bad[:5].tolist()]}{' ...' if len(bad) > 5 else ''}"
+
+
+def _check_finite_inputs(inputs: tuple) -> None:
+    for i, x in enumerate(inputs):
+        if not x.is_floating_point() or bool(torch.isfinite(x).all()):
+            continue
+        rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"inputs{'' if len(inputs) == 1 else f'[{i}]'}: NaN or inf in examples {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}; expected finite inputs (the loss and its gradient would be NaN)."
+        )
 
 
 def _check_labels(labels: torch.Tensor, inputs: tuple) -> int:
@@ -233,3 +257,10 @@ def _check_logits(logits: torch.Tensor, n: int, labels: torch.Tensor) -> None:
         raise ValueError(
             f"labels: class probabilities of shape {tuple(labels.shape)} do not match the logits' shape {tuple(logits.shape)}."
         )
+    if labels.dim() == 1:
+        bad = ((labels < 0) | (labels >= logits.shape[1])).nonzero().flatten()
+        if len(bad):
+            raise ValueError(
+                f"labels: {labels[bad[:5]].tolist()} at examples {bad[:20].tolist()} are not class indices of "
+                f"the model's {logits.shape[1]} classes; expected values in [0, {logits.shape[1]})."
+            )

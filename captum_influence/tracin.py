@@ -162,6 +162,13 @@ class _TracInBase(GradientFeatureInfluence):
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         _check_projection_dim(projection_dim)
         self.param_names = select_param_names(model, params, arg="layers")
+        grad_dim = sum(math.prod(shape) for shape in param_shapes(model, self.param_names).values())
+        if isinstance(projection_dim, int) and projection_dim > grad_dim:
+            raise ValueError(
+                f"projection_dim: {projection_dim} is more than the {grad_dim} dimensions of the gradient of the "
+                f"selected parameters; a projection cannot add information. Expected an int <= {grad_dim}, or "
+                "None for exact gradients."
+            )
         self._engine = LayerGrads(model, self.param_names)
         self.projection_dim = projection_dim
         self.seed = seed

@@ -17,6 +17,8 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _KINDS = ("rademacher", "gaussian", "identity")
+# A projection wider than the gradient gains nothing; beyond this size its matrix is refused.
+_MAX_WASTED_BYTES = 2**30
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,14 @@ class Projector:
             raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating dtype; got {dtype}.")
+        matrix_bytes = self.grad_dim * projection_dim * torch.finfo(dtype).bits // 8
+        if projection_dim > self.grad_dim and matrix_bytes > _MAX_WASTED_BYTES:
+            raise ValueError(
+                f"projection_dim: {projection_dim} for gradients of dimension {self.grad_dim}: projecting to "
+                f"more dimensions than the gradient has keeps no more information, and its matrix "
+                f"({matrix_bytes / 2**30:.1f} GiB, generated again for every call beyond the cache) would take "
+                f"minutes per batch. Expected projection_dim <= {self.grad_dim}, or kind='identity'."
+            )
         self.projection_dim = projection_dim
         self.kind = kind
         self.seed = seed
@@ -205,6 +215,17 @@ class Projector:
         return out
 
     def _flat_pieces(self, grads) -> list[torch.Tensor]:
+        pieces = self._pieces(grads)
+        finite = torch.stack([torch.isfinite(p).all(dim=1) for p in pieces]).all(dim=0)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"grads: NaN or inf in rows {bad[:20]}{' ...' if len(bad) > 20 else ''}; expected finite "
+                "gradients (their projections would be NaN)."
+            )
+        return pieces
+
+    def _pieces(self, grads) -> list[torch.Tensor]:
         if isinstance(grads, torch.Tensor):
             if grads.dim() != 2 or grads.shape[1] != self.grad_dim:
                 raise ValueError(
