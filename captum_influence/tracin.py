@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -164,11 +165,13 @@ class _TracInBase(GradientFeatureInfluence):
         self.param_names = select_param_names(model, params, arg="layers")
         grad_dim = sum(math.prod(shape) for shape in param_shapes(model, self.param_names).values())
         if isinstance(projection_dim, int) and projection_dim > grad_dim:
-            raise ValueError(
+            warnings.warn(
                 f"projection_dim: {projection_dim} is more than the {grad_dim} dimensions of the gradient of the "
-                f"selected parameters; a projection cannot add information. Expected an int <= {grad_dim}, or "
-                "None for exact gradients."
+                "selected parameters; exact gradients are cheaper and exact, so no projection is used "
+                f"(pass an int <= {grad_dim} to project, or None to silence this).",
+                stacklevel=3,
             )
+            projection_dim = None
         self._engine = LayerGrads(model, self.param_names)
         self.projection_dim = projection_dim
         self.seed = seed
