@@ -8,11 +8,20 @@ single-process run bit for bit. A killed rank is resumed by rerunning the same c
 whose rows were flushed are skipped (the store's per-batch flags). Without an initialised process
 group every function here is its single-process counterpart.
 
+Before each collective, every rank checks in through the process group's key-value store and
+waits at most ``timeout`` seconds for the others (:func:`collective_timeout`; by default the
+``timeout`` given to ``init_process_group``); a rank that does not answer, frozen or dead, is
+then named in a ``TimeoutError`` instead of leaving the others blocked inside the collective.
+
     torchrun --nproc_per_node 4 script.py     # script: dist.init_process_group(); TRAK(..., store_dir=shared)
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -29,6 +38,48 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_timeout: Optional[float] = None
+_check_ins = itertools.count()  # every rank makes the same collectives in the same order
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: Optional[float]) -> Iterator[None]:
+    """Within the block, a rank waits at most ``seconds`` for the others at each collective
+    (None: the process group's own timeout)."""
+    global _timeout
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise ValueError(f"timeout: expected a positive number of seconds or None; got {seconds!r}.")
+    previous, _timeout = _timeout, seconds
+    try:
+        yield
+    finally:
+        _timeout = previous
+
+
+def _wait_for_ranks(what: str) -> None:
+    """Check in and wait for every other rank to check in at the same collective, raising a
+    ``TimeoutError`` that names the ranks missing after the timeout."""
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prefix = f"captum_influence/check_in/{next(_check_ins)}/"
+    store.set(f"{prefix}{rank}", "1")
+    seconds = _timeout if _timeout is not None else store.timeout.total_seconds()
+    others = [r for r in range(world) if r != rank]
+    try:
+        store.wait([f"{prefix}{r}" for r in others], timedelta(seconds=seconds))
+    except RuntimeError as err:
+        missing = [r for r in others if not store.check([f"{prefix}{r}"])]
+        if not missing:
+            raise
+        raise TimeoutError(
+            f"torch.distributed: rank(s) {missing} of {world} did not reach {what} within {seconds:g} s "
+            f"(this is rank {rank}); they are frozen, dead or on another code path. Rerun the same "
+            "command to resume from the store (timeout: raise it with collective_timeout(seconds) or "
+            "init_process_group(timeout=...) if they are only slow)."
+        ) from err
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -70,6 +121,7 @@ def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int,
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; through the GPU when the group is NCCL's."""
+    _wait_for_ranks("an all-reduce")
     if dist.get_backend() == "nccl" and not tensor.is_cuda:
         on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(on_gpu)
@@ -81,6 +133,7 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same shape on every rank), in rank order."""
+    _wait_for_ranks("an all-gather")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     local = tensor.to(device)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -233,6 +286,6 @@ def topk_sharded(
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing to wait for in one process)."""
+    """Wait for every rank (nothing to wait for in one process), at most the timeout."""
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        _wait_for_ranks("a barrier")

@@ -134,3 +134,41 @@ def test_two_gloo_ranks_equal_one_process_and_resume_after_a_kill(tmp_path):
         assert torch.equal(res["weighted"], ref_weighted)
         assert all(torch.equal(a, b) for a, b in zip(res["topk"], ref_top))
         assert all(torch.equal(a, b) for a, b in zip(res["bottomk"], ref_bottom))
+
+
+def silent_rank_worker(rank: int, tmp: str) -> None:
+    """Rank 1 stays away (frozen); rank 0 waits at a barrier and must name it within the timeout:
+    collective_timeout's, then the process group's."""
+    import time
+    from datetime import timedelta
+
+    from captum_influence._backend.sharding import barrier, collective_timeout
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(6)
+        return
+    for name, seconds in (("collective_timeout", 1.0), ("process_group", None)):
+        began = time.monotonic()
+        try:
+            with collective_timeout(seconds):
+                barrier()
+        except TimeoutError as err:
+            Path(tmp, f"{name}.txt").write_text(f"{time.monotonic() - began:.1f} {err}")
+
+
+def test_a_rank_that_does_not_answer_is_named_after_the_timeout(tmp_path):
+    mp.spawn(silent_rank_worker, args=(str(tmp_path),), nprocs=2)
+    for name, limit in (("collective_timeout", 1.0), ("process_group", 2.0)):
+        waited, message = (tmp_path / f"{name}.txt").read_text().split(" ", 1)
+        assert limit <= float(waited) < limit + 1.5, name
+        assert "rank(s) [1] of 2 did not reach a barrier" in message
+
+
+def test_collective_timeout_is_checked():
+    from captum_influence._backend.sharding import collective_timeout
+
+    with pytest.raises(ValueError, match="timeout: expected a positive number"):
+        with collective_timeout(0):
+            pass
