@@ -392,6 +392,7 @@ class _TracInBase(GradientFeatureInfluence):
         for index, weight in self._checkpoint_weights(checkpoints_desc):
             if self._layout is None:
                 batch = first_batch()
+                self._check_labels(batch, self.loss_fn, _ARGS.get(role, role), 0)  # the layout's loss
                 with self._failures(_ARGS.get(role, role), 0, batch, index):
                     self._layout = self._choose_layout(batch)
             width = self._layout.width(explicit)
