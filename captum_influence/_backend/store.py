@@ -21,6 +21,8 @@ import json
 import math
 import mmap
 import os
+import re
+import socket
 import uuid
 import warnings
 from pathlib import Path
@@ -40,6 +42,7 @@ STORE_FORMAT = 2
 _METADATA = "metadata.json"
 _LOCK = ".lock"
 _CHUNK = 1 << 24
+_TEMPORARY = re.compile(r"-(?P<pid>\d+)-[0-9a-f]{32}\.tmp$")
 
 
 def _normalise(metadata: dict) -> dict:
@@ -58,7 +61,7 @@ def _fsync_dir(path: Path) -> None:
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     # A temporary name of its own, so that processes writing the same file (ranks of one job
     # saving the same metadata) never move each other's half-written file into place.
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
         write(str(tmp))
         with open(tmp, "rb+") as f:
@@ -68,6 +71,21 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _remove_dead_temporaries(directory: Path) -> None:
+    """Delete the temporaries left by killed writers of this host (their process is gone)."""
+    host = socket.gethostname()
+    for file in directory.glob("*.tmp"):
+        match = _TEMPORARY.search(file.name)
+        if match is None or f".{host}-{match['pid']}-" not in file.name:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            file.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _is_transient(name: str) -> bool:
@@ -151,6 +169,11 @@ def model_fingerprint(model: torch.nn.Module) -> list:
     return [modules, params]
 
 
+def _metadata_digest(stored: dict) -> str:
+    content = {k: v for k, v in stored.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def _damaged(file: Path, why: str) -> str:
     return f"store_dir: {str(file)!r} is damaged ({why}); delete it or use another store_dir."
 
@@ -198,6 +221,7 @@ class FeatureStore:
             )
         self.metadata = _normalise(metadata)
         with self._locked():
+            _remove_dead_temporaries(self.path)
             stored = self._read_metadata()
             if stored is None:
                 held = sorted(p.name for p in self.path.iterdir() if not _is_transient(p.name))
@@ -209,11 +233,6 @@ class FeatureStore:
                     )
                 self._write_metadata({"format": STORE_FORMAT, "settings": self.metadata, "files": {}})
                 return
-        if stored.get("format") != STORE_FORMAT:
-            raise ValueError(
-                f"store_dir: {str(self.path)!r} was written in store format {stored.get('format')!r}; this version "
-                f"reads format {STORE_FORMAT}. Use another store_dir or delete this one."
-            )
         settings = stored["settings"]
         differing = sorted(k for k in set(settings) | set(self.metadata) if settings.get(k) != self.metadata.get(k))
         if differing:
@@ -258,9 +277,17 @@ class FeatureStore:
                     "use another store_dir or delete this one."
                 )
             raise ValueError(_damaged(file, "not a store's metadata"))
+        if stored.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"store_dir: {str(self.path)!r} was written in store format {stored.get('format')!r}; this version "
+                f"reads format {STORE_FORMAT}. Use another store_dir or delete this one."
+            )
+        if stored.get("sha256") != _metadata_digest(stored):
+            raise ValueError(_damaged(file, "checksum mismatch"))
         return stored
 
     def _write_metadata(self, stored: dict) -> None:
+        stored = {**stored, "sha256": _metadata_digest(stored)}
         try:
             _atomic_write(self.path / _METADATA, lambda p: Path(p).write_text(json.dumps(stored, indent=1, sort_keys=True)))
         except PermissionError as err:
@@ -272,6 +299,7 @@ class FeatureStore:
 
     def _set_record(self, file: str, record: Optional[dict]) -> None:
         with self._locked():
+            _remove_dead_temporaries(self.path)
             stored = self._read_metadata()
             if stored is None:
                 raise ValueError(_damaged(self.path / _METADATA, "deleted while the store was in use"))

@@ -161,6 +161,44 @@ def test_store_of_other_data_or_architecture_is_refused(tmp_path):
         scores(tmp_path, act=nn.ReLU)  # the same parameter shapes
 
 
+class Items(torch.utils.data.Dataset):
+    """A dataset that is not a TensorDataset: fingerprinted batch by batch."""
+
+    def __init__(self, data: TensorDataset):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_store_of_other_data_through_a_plain_dataset_is_refused(tmp_path):
+    model, states, train, _ = problem()
+    ci.TRAK(model, Items(train), states, projection_dim=32, batch_size=8, store_dir=tmp_path)
+    _, _, other, _ = problem(data_seed=2)
+    with pytest.raises(ValueError, match="other settings \\(data: stored"):
+        ci.TRAK(model, Items(other), states, projection_dim=32, batch_size=8, store_dir=tmp_path)
+
+
+def test_edited_metadata_that_is_still_json_is_damaged(tmp_path):
+    scores(tmp_path)
+    file = tmp_path / "metadata.json"
+    file.write_text(file.read_text().replace('"batch_size": 8', '"batch_size": 9'))
+    with pytest.raises(ValueError, match="store_dir: .*metadata.json' is damaged \\(checksum mismatch\\)"):
+        scores(tmp_path)
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    process = mp.get_context("fork").Process(target=_killed_run, args=(str(tmp_path), "keys.npy", 1, "midway"))
+    process.start()
+    process.join(60)
+    assert list(tmp_path.glob("*.tmp"))
+    assert torch.equal(resumed(tmp_path), scores(None))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_directory_with_files_but_no_metadata_is_not_a_store(tmp_path):
     (tmp_path / "keys.npy").write_bytes(b"old")
     with pytest.raises(ValueError, match="store_dir: .*no metadata.json"):
