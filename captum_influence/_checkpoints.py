@@ -51,7 +51,21 @@ def resolve_checkpoints(checkpoints: Union[Checkpoint, Sequence[Checkpoint]]) ->
 
 def default_load(model: nn.Module, checkpoint: Checkpoint) -> float:
     """Load a state dict (or a file holding one, also under 'state_dict' / 'model_state_dict'); weight 1.0."""
-    state = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load's errors on a file that is not a saved state dict vary
+            raise ValueError(
+                f"checkpoints: {str(checkpoint)!r} cannot be read by torch.load ({type(err).__name__}: {err}"
+                f"); expected a file written by torch.save(model.state_dict(), path), or pass checkpoints_load_func."
+            ) from err
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoints: {str(checkpoint)!r} holds a {type(state).__name__}; expected a state dict "
+            "(or pass checkpoints_load_func to load it)."
+        )
     for key in ("state_dict", "model_state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]

@@ -335,6 +335,19 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
             ci.TRAK(model, train_set, states, **kwargs)
 
 
+def test_unreadable_checkpoint_files_are_named(small_mlp, tmp_path):
+    model, states, train_set, targets = small_mlp
+    text, truncated, listed = tmp_path / "notes.txt", tmp_path / "cut.pt", tmp_path / "list.pt"
+    text.write_text("hello world\n")
+    torch.save(states[0], truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    torch.save([1, 2], listed)
+    for file, why in ((text, "cannot be read by torch.load"), (truncated, "cannot be read by torch.load"),
+                      (listed, "holds a list; expected a state dict")):
+        with pytest.raises(ValueError, match=f"checkpoints: .*{file.name}' {why}"):
+            ci.TRAK(model, train_set, [file]).influence(targets)
+
+
 def test_projectors_are_kept_between_calls_when_they_fit(small_mlp, monkeypatch):
     from functools import partial
 
