@@ -449,6 +449,7 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
         the path runs through the layer's values."""
         _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
         x, _ = format_inputs(inputs, floating=False)
+        _check_finite(x, "inputs")
         n = x[0].shape[0]
         args = format_args(additional_forward_args, n)
         index = target_index(target, n)
