@@ -91,6 +91,19 @@ def _example_losses(loss_fn: LossFn, outputs: Any, labels: Any) -> torch.Tensor:
     return vmap(one, in_dims=dims)(*leaves)
 
 
+def _check_scores(scores: torch.Tensor, what: str, rows: str) -> None:
+    """Scores from finite gradients that are still NaN or inf overflowed the model's dtype."""
+    finite = torch.isfinite(scores).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    raise ValueError(
+        f"{what}: the scores of {rows + ' ' if rows else ''}examples {bad[:20]}{' ...' if len(bad) > 20 else ''} "
+        f"overflow {scores.dtype} (every gradient is finite, but their products are too large); use a float64 "
+        "model (scores keep its dtype) or smaller checkpoint weights."
+    )
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
@@ -475,6 +488,13 @@ class _TracInBase(GradientFeatureInfluence):
     def _influence(
         self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
+        result = self._scores(inputs, k, proponents, aggregate)
+        _check_scores(result if isinstance(result, torch.Tensor) else result.influence_scores, "influence", "test")
+        return result
+
+    def _scores(
+        self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
         """Scores and top-k found block by block without the full matrix; factored layers by their
         factorised products. Under ``torch.distributed`` the key blocks are split over the ranks and
         gathered, exactly as one process computes them."""
@@ -519,7 +539,9 @@ class _TracInBase(GradientFeatureInfluence):
         training set when None): Tensor[n]. Checkpoints are always the outer loop here (each loaded
         once), so ``outer_loop_by_checkpoints`` (Captum's choice of loop order) changes nothing."""
         with self._progress(show_progress):
-            return self._self_influence(inputs)
+            scores = self._self_influence(inputs)
+        _check_scores(scores[:, None], "self_influence", "")
+        return scores
 
     def _self_influence(self, inputs: Any) -> torch.Tensor:
         what = f"Using {self.get_name()} to compute self influence. Processing"

@@ -236,6 +236,19 @@ def test_nan_checkpoint_is_named_even_when_its_weight_is_unused():
         ci.TracInCPFast(model, model[2], _train(), [bad]).influence(_test())
 
 
+@pytest.mark.parametrize("call", ["influence", "influence_k", "self_influence"])
+def test_scores_that_overflow_are_refused(call):
+    def load(model, checkpoint):
+        model.load_state_dict(checkpoint)
+        return 1e38  # finite gradients whose weighted products overflow float32
+
+    model = _model()
+    tracin = ci.TracInCP(model, _train(), [model.state_dict()] * 2, load)
+    x, y = _data()
+    with pytest.raises(ValueError, match="overflow torch.float32"):
+        CALLS[call](tracin, (x[:5], y[:5]))  # training examples: their own scores are ||g||^2 * 2e38
+
+
 def test_good_inputs_still_pass():
     model = _model()
     for cls in TRACIN:
