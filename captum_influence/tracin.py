@@ -32,7 +32,9 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
-from ._backend import LayerGrads, VmapUnsupportedError, Projector, batch_size_of, fill_rows, param_shapes, select_param_names
+from ._backend import (
+    LayerGrads, Projector, VmapUnsupportedError, batch_size_of, fill_rows, param_shapes, select_param_names,
+)
 from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
@@ -328,7 +330,8 @@ class _TracInBase(GradientFeatureInfluence):
                 )
             yield index, weight
 
-    def _check_finite(self, parts: list[torch.Tensor], arg: str, start: int, index: int) -> None:
+    @staticmethod
+    def _check_finite(parts: list[torch.Tensor], arg: str, start: int, index: int) -> None:
         """Refuse a batch whose per-example gradients (``parts``, (B, ...) each) are NaN or inf."""
         finite = torch.stack([torch.isfinite(p.reshape(p.shape[0], -1)).all(dim=1) for p in parts]).all(dim=0)
         if bool(finite.all()):
@@ -370,13 +373,13 @@ class _TracInBase(GradientFeatureInfluence):
         try:
             yield
         except (RuntimeError, IndexError) as err:
-            if isinstance(err, VmapUnsupportedError):
+            if isinstance(err, (VmapUnsupportedError, torch.OutOfMemoryError)):
                 raise
             n = len(batch[-1]) if hasattr(batch[-1], "__len__") else 1
             given = ", ".join(_describe(x) for x in batch[:-1])
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             expected = "inputs of the shapes and dtype the model takes"
-            if isinstance(err, IndexError) or "out of bounds" in text:
+            if "Target" in text and "out of bounds" in text:  # cross-entropy's message
                 expected = f"labels that are class indices in [0, {self._n_classes(batch)})"
             kind = TypeError if "dtype" in text or "scalar type" in text else ValueError
             raise kind(
@@ -595,7 +598,9 @@ class TracInCP(_TracInBase):
     that their dot products are the scores; ``compute_intermediate_quantities`` uses the test loss.
     Captum's ``sample_wise_grads_per_batch`` only chooses its faster path for per-example
     gradients; here they always come from the per-layer engine, so it is accepted and changes
-    nothing. Unlike Captum, bad input raises ``ValueError``/``TypeError`` (not ``AssertionError``).
+    nothing. Unlike Captum, bad input raises ``ValueError``/``TypeError`` (not ``AssertionError``),
+    and no NaN comes out: a NaN or inf gradient raises with the example indices and the argument
+    (``train_dataset`` or ``inputs``), a checkpoint with NaN or inf weights raises with its index.
 
     Example::
 
