@@ -331,7 +331,8 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
         ``max_steps``. Examples still missing the tolerance raise a ``CompletenessWarning``
         (also with a fixed n_steps when ``completeness_rtol`` is given). ``internal_batch_size``
         bounds the path points per gradient call. The returned delta always measures the
-        integral, sum((x - x') * avg grad), also when ``multiply_by_inputs=False``."""
+        integral, sum((x - x') * avg grad), also when ``multiply_by_inputs=False``. NaN or inf in
+        ``inputs`` or ``baselines`` raises with the examples (their attributions would be NaN)."""
         _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
         x, as_tuple = format_inputs(inputs)
         n = x[0].shape[0]

@@ -69,7 +69,9 @@ class Projector:
     Memory: one block of ``block_rows x projection_dim`` entries at a time, plus a cache of generated
     blocks up to ``cache_bytes`` (so small problems generate the matrix once). By default 512 MiB,
     or on a GPU a quarter of its free memory: there the whole matrix usually fits, and generating
-    it again for every batch would cost far more than the products.
+    it again for every batch would cost far more than the products. A ``projection_dim`` above
+    ``grad_dim`` whose matrix would exceed 1 GiB is refused (it adds no information), and
+    ``project`` refuses NaN or inf gradients, naming the rows.
 
     Example::
 
