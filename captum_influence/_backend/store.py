@@ -299,7 +299,6 @@ class FeatureStore:
 
     def _set_record(self, file: str, record: Optional[dict]) -> None:
         with self._locked():
-            _remove_dead_temporaries(self.path)
             stored = self._read_metadata()
             if stored is None:
                 raise ValueError(_damaged(self.path / _METADATA, "deleted while the store was in use"))
