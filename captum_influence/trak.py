@@ -219,7 +219,8 @@ class TRAK(GradientFeatureInfluence):
         return projection_dim
 
     def _metadata(self) -> dict:
-        """Every setting that changes the stored features, factors or keys."""
+        """Everything that changes the stored features, factors or keys: the model's architecture,
+        a fingerprint of the training data, the checkpoints' contents, the task and the settings."""
         return {
             "method": "TRAK",
             "model": model_fingerprint(self.model),

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -47,3 +49,26 @@ def test_store_with_other_settings_is_refused(tmp_path):
     store.array("x", (4, 2))
     with pytest.raises(ValueError, match="shape"):
         store.array("x", (4, 3))
+
+
+def test_empty_truncated_or_flipped_arrays_are_redone(tmp_path):
+    meta = {"model": "mlp", "projection_dim": 8, "seed": 0, "n": 50}
+    reference, _ = _featurise(FeatureStore(tmp_path / "whole", meta))
+    store = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        _featurise(FeatureStore(store, meta), fail_at=4)
+    (store / "features.npy").write_bytes(b"")  # an unfinished array left empty: every batch redone
+    with pytest.warns(UserWarning, match="features.npy' is damaged \\(empty file\\)"):
+        resumed, calls = _featurise(FeatureStore(store, meta))
+    assert calls == 7 and resumed.tobytes() == reference.tobytes()
+    for damage in (lambda f: os.truncate(f, f.stat().st_size - 8), lambda f: f.write_bytes(f.read_bytes()[:-1] + b"x")):
+        damage(store / "features.npy")  # a finished array: its checksum no longer matches
+        with pytest.warns(UserWarning, match="features.npy' is damaged"):
+            resumed, calls = _featurise(FeatureStore(store, meta))
+        assert calls == 7 and resumed.tobytes() == reference.tobytes()
+    (store / "features.done.npy").unlink()  # flags lost: the rows are computed again
+    with pytest.warns(UserWarning, match="features.done.npy' is damaged \\(missing\\)"):
+        resumed, calls = _featurise(FeatureStore(store, meta))
+    assert calls == 7 and resumed.tobytes() == reference.tobytes()
+    _, calls = _featurise(FeatureStore(store, meta))
+    assert calls == 0
