@@ -25,6 +25,7 @@ import re
 import socket
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -110,8 +111,8 @@ def _update_digest(h: Any, value: Any) -> None:
     elif isinstance(value, np.ndarray):
         h.update(f"array {value.dtype} {value.shape};".encode())
         h.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, dict):
-        h.update(f"dict {len(value)};".encode())
+    elif isinstance(value, Mapping):  # dicts and tokenizers' encodings
+        h.update(f"mapping {len(value)};".encode())
         for key in sorted(value, key=repr):
             h.update(repr(key).encode())
             _update_digest(h, value[key])
