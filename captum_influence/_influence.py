@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, fill_rows_sharded, scores_sharded, topk_sharded
 from ._backend.model_checks import preserved_modes
+from ._backend.sharding import collective_timeout
 from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
 from ._data import as_loader, check_labelled, iter_batches, split_batch, to_device
@@ -69,7 +71,7 @@ def keeps_model_state(method: Method) -> Method:
         devices = {p.device for p in model.parameters()}
         self._holding_model = True
         try:
-            with preserved_modes(model):
+            with preserved_modes(model), collective_timeout(self.timeout):
                 return method(self, *args, **kwargs)
         finally:
             self._holding_model = False
@@ -98,9 +100,16 @@ class GradientFeatureInfluence(DataInfluence):
         batch_size: int = 64,
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
+        timeout: Optional[float] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module; got {type(model).__name__}.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ValueError(f"timeout: expected a positive number of seconds or None; got {timeout!r}.")
+        #: under torch.distributed, the longest wait for the other ranks at a collective; then a
+        #: TimeoutError names the ranks that did not answer (None: the process group's timeout)
+        self.timeout = timeout
         if checkpoints_load_func is not None and not callable(checkpoints_load_func):
             raise TypeError("checkpoints_load_func: expected a callable (model, checkpoint) -> float.")
         self.model = model

@@ -166,10 +166,11 @@ class _TracInBase(GradientFeatureInfluence):
         device: Union[str, torch.device, None],
         show_progress: bool,
         seed: int,
+        timeout: Optional[float],
     ):
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func,
-            batch_size=batch_size, device=device, show_progress=show_progress,
+            batch_size=batch_size, device=device, show_progress=show_progress, timeout=timeout,
         )
         self._default_loss = loss_fn is None
         self.loss_fn = _check_loss_fn(loss_fn)
@@ -626,11 +627,12 @@ class TracInCP(_TracInBase):
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
         seed: int = 0,
+        timeout: Optional[float] = None,
     ):
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
             params=layers, batch_size=batch_size, projection_dim=projection_dim, device=device,
-            show_progress=show_progress, seed=seed,
+            show_progress=show_progress, seed=seed, timeout=timeout,
         )
         self.layers = layers
         self.sample_wise_grads_per_batch = _check_flag(sample_wise_grads_per_batch, "sample_wise_grads_per_batch")
@@ -695,12 +697,13 @@ class TracInCPFast(_TracInBase):
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
         seed: int = 0,
+        timeout: Optional[float] = None,
     ):
         layer_name = _linear_layer_name(model, final_fc_layer)
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
             params=model.get_submodule(layer_name), batch_size=batch_size, projection_dim=projection_dim,
-            device=device, show_progress=show_progress, seed=seed,
+            device=device, show_progress=show_progress, seed=seed, timeout=timeout,
         )
         self.vectorize = _check_flag(vectorize, "vectorize")
         self.layer_name = layer_name

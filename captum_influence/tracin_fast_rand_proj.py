@@ -67,6 +67,7 @@ class TracInCPFastRandProj(TracInCPFast):
         seed: int = 0,
         device: Union[str, torch.device, None] = None,
         show_progress: bool = False,
+        timeout: Optional[float] = None,
     ):
         if projection_dim is not None and (
             isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0
@@ -82,7 +83,7 @@ class TracInCPFastRandProj(TracInCPFast):
         super().__init__(
             model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn,
             batch_size=batch_size, test_loss_fn=test_loss_fn, vectorize=vectorize,
-            projection_dim=projection_dim, device=device, show_progress=show_progress, seed=seed,
+            projection_dim=projection_dim, device=device, show_progress=show_progress, seed=seed, timeout=timeout,
         )
         self.nearest_neighbors = nearest_neighbors
         self._index_ready = False

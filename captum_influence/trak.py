@@ -150,6 +150,8 @@ class TRAK(GradientFeatureInfluence):
         show_progress: tqdm bars over checkpoints and batches.
         inverse_scaling: "none" (the paper) or "mean_abs": divide each (G_m + lambda I)^{-1} by
             the mean absolute value of its entries before averaging, as the reference library does.
+        timeout: under ``torch.distributed``, the longest wait (seconds) for the other ranks at a
+            collective; then a TimeoutError names the ranks that did not answer.
 
     Example::
 
@@ -175,10 +177,11 @@ class TRAK(GradientFeatureInfluence):
         seed: int = 0,
         show_progress: bool = False,
         inverse_scaling: str = "none",
+        timeout: Optional[float] = None,
     ):
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func,
-            batch_size=batch_size, device=device, show_progress=show_progress,
+            batch_size=batch_size, device=device, show_progress=show_progress, timeout=timeout,
         )
         self.task = get_task(task)
         self.param_names = select_param_names(model, layers, arg="layers")

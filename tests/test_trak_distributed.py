@@ -75,3 +75,45 @@ def test_two_gloo_ranks_give_the_single_process_scores_exactly(tmp_path):
             assert got["forward_examples"] < 0.75 * reference["forward_examples"], (rank, mode)
     # Each rank wrote its own shard of every checkpoint's features into the shared store.
     assert (tmp_path / "store" / "grads_0.npy").exists() and (tmp_path / "store" / "grads_1.npy").exists()
+
+
+def stalled_rank_worker(rank: int, tmp: str) -> None:
+    """Rank 1 never joins the computation; rank 0's TRAK (and TracInCP) must name it after
+    their ``timeout`` instead of waiting for the process group's."""
+    import time
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    if rank == 1:
+        time.sleep(5)
+        return
+    model, states, train, test = problem()
+    for name, method in (
+        ("TRAK", ci.TRAK(model, train, states, projection_dim=32, batch_size=8, timeout=1.0)),
+        ("TracInCP", ci.TracInCP(model, train, states, batch_size=8, timeout=1.0)),
+    ):
+        began = time.monotonic()
+        try:
+            method.influence(test)
+        except TimeoutError as err:
+            Path(tmp, f"{name}.txt").write_text(f"{time.monotonic() - began:.1f} {err}")
+
+
+def test_a_stalled_rank_is_named_after_the_methods_timeout(tmp_path):
+    mp.spawn(stalled_rank_worker, args=(str(tmp_path),), nprocs=2)
+    for name in ("TRAK", "TracInCP"):
+        waited, message = (tmp_path / f"{name}.txt").read_text().split(" ", 1)
+        assert float(waited) < 4.0, name
+        assert "rank(s) [1] of 2 did not" in message, message
+
+
+def test_timeout_is_checked():
+    model, states, train, _ = problem()
+    for bad in (0, -1.0, True, "1"):
+        try:
+            ci.TRAK(model, train, states, timeout=bad)
+        except ValueError as err:
+            assert "timeout" in str(err)
+        else:
+            raise AssertionError(f"timeout={bad!r} accepted")
