@@ -213,6 +213,14 @@ class TRAK(GradientFeatureInfluence):
             isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0
         ):
             raise ValueError(f"projection_dim: expected a positive int, None or 'auto'; got {projection_dim!r}.")
+        if projection_dim is not None and projection_dim >= grad_dim:
+            warnings.warn(
+                f"projection_dim: {projection_dim} is not below the {grad_dim} dimensions of the gradient of the "
+                "selected parameters; exact gradients are cheaper and exact, so no projection is used (pass an "
+                f"int < {grad_dim} to project, or None to silence this).",
+                stacklevel=3,
+            )
+            projection_dim = None
         k = projection_dim or grad_dim
         if k > self.n_train and damping != "auto":
             warnings.warn(

@@ -230,7 +230,10 @@ def test_same_seed_same_scores_for_any_batch_size(small_mlp):
 def test_auto_damping_keeps_projections_beyond_n_train_useful(small_mlp):
     """k = 1024 > n_train = 300: the Gram matrix is singular; auto damping keeps the scores close to
     the exact-gradient ones, a vanishing damping does not."""
-    model, states, train_set, targets = small_mlp
+    _, _, train_set, targets = small_mlp
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 120), nn.Tanh(), nn.Linear(120, 4))  # 1,564 parameters > 1024
+    states = [model.state_dict()]
     exact = ci.TRAK(model, train_set, states, projection_dim=None).influence(targets)
     wide = ci.TRAK(model, train_set, states, projection_dim=1024).influence(targets)
     with pytest.warns(UserWarning, match="projection_dim: 1024 features for 300 training examples"):
@@ -454,3 +457,15 @@ def test_gpu_scores_equal_cpu_scores(small_mlp):
     gpu = ci.TRAK(model.cuda(), train_set, states, projection_dim=64, device="cuda").influence(targets)
     model.cpu()
     _close(gpu.cpu(), cpu, 1e-4)
+
+
+def test_projection_dim_above_the_gradient_dimension_uses_exact_gradients_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 4))  # 109 parameters
+    train = TensorDataset(torch.randn(40, 10), torch.randint(0, 4, (40,)))
+    test = (torch.randn(3, 10), torch.randint(0, 4, (3,)))
+    with pytest.warns(UserWarning, match="projection_dim: 1000000 is not below the 109 dimensions"):
+        wide = ci.TRAK(model, train, [model.state_dict()], projection_dim=10**6, damping=0.1)
+    assert wide.projection_dim is None
+    exact = ci.TRAK(model, train, [model.state_dict()], projection_dim=None, damping=0.1)
+    torch.testing.assert_close(wide.influence(test), exact.influence(test))
