@@ -82,6 +82,19 @@ def keeps_model_state(method: Method) -> Method:
     return wrapper  # type: ignore[return-value]
 
 
+def check_scores(scores: torch.Tensor, what: str, rows: str) -> None:
+    """Scores from finite gradients that are still NaN or inf overflowed the model's dtype."""
+    finite = torch.isfinite(scores).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    raise ValueError(
+        f"{what}: the scores of {rows + ' ' if rows else ''}examples {bad[:20]}{' ...' if len(bad) > 20 else ''} "
+        f"overflow {scores.dtype} (every gradient is finite, but their products are too large); use smaller "
+        "checkpoint weights, or a float64 model where the method keeps its dtype (TracIn)."
+    )
+
+
 class GradientFeatureInfluence(DataInfluence):
     """Base of the data-attribution classes: ``influence = Q K^T diag(w)``, computed in blocks.
 
@@ -266,7 +279,9 @@ class GradientFeatureInfluence(DataInfluence):
         influence_scores)``. ``aggregate``: the scores summed over the test examples, (1, n_train),
         and the top-k of that sum, as in Captum."""
         with self._progress(show_progress):
-            return self._influence(inputs, self._clamp_k(k), proponents, aggregate)
+            result = self._influence(inputs, self._clamp_k(k), proponents, aggregate)
+        check_scores(result if isinstance(result, torch.Tensor) else result.influence_scores, "influence", "test")
+        return result
 
     def _influence(
         self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool

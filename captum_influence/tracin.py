@@ -39,7 +39,7 @@ from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
 from ._data import call_model, logits_of, split_batch, to_device
-from ._influence import GradientFeatureInfluence, keeps_model_state
+from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProjectionDim = Union[int, str, None]
@@ -91,19 +91,6 @@ def _example_losses(loss_fn: LossFn, outputs: Any, labels: Any) -> torch.Tensor:
         return loss_fn(o, y).sum()
 
     return vmap(one, in_dims=dims)(*leaves)
-
-
-def _check_scores(scores: torch.Tensor, what: str, rows: str) -> None:
-    """Scores from finite gradients that are still NaN or inf overflowed the model's dtype."""
-    finite = torch.isfinite(scores).all(dim=1)
-    if bool(finite.all()):
-        return
-    bad = (~finite).nonzero().flatten().tolist()
-    raise ValueError(
-        f"{what}: the scores of {rows + ' ' if rows else ''}examples {bad[:20]}{' ...' if len(bad) > 20 else ''} "
-        f"overflow {scores.dtype} (every gradient is finite, but their products are too large); use a float64 "
-        "model (scores keep its dtype) or smaller checkpoint weights."
-    )
 
 
 def _describe(x: Any) -> str:
@@ -492,13 +479,6 @@ class _TracInBase(GradientFeatureInfluence):
     def _influence(
         self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
-        result = self._scores(inputs, k, proponents, aggregate)
-        _check_scores(result if isinstance(result, torch.Tensor) else result.influence_scores, "influence", "test")
-        return result
-
-    def _scores(
-        self, inputs: Any, k: Optional[int], proponents: bool, aggregate: bool
-    ) -> Union[torch.Tensor, KMostInfluentialResults]:
         """Scores and top-k found block by block without the full matrix; factored layers by their
         factorised products. Under ``torch.distributed`` the key blocks are split over the ranks and
         gathered, exactly as one process computes them."""
@@ -544,7 +524,7 @@ class _TracInBase(GradientFeatureInfluence):
         once), so ``outer_loop_by_checkpoints`` (Captum's choice of loop order) changes nothing."""
         with self._progress(show_progress):
             scores = self._self_influence(inputs)
-        _check_scores(scores[:, None], "self_influence", "")
+        check_scores(scores[:, None], "self_influence", "")
         return scores
 
     def _self_influence(self, inputs: Any) -> torch.Tensor:

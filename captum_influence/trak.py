@@ -34,7 +34,7 @@ from ._backend.grads import slice_batch
 from ._backend.solve import Features, as_tensor_block
 from ._backend.store import data_fingerprint, file_digest, model_fingerprint
 from ._checkpoints import LoadFunc
-from ._influence import GradientFeatureInfluence, keeps_model_state
+from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
 from .tasks import ModelOutput, get_task
 
 # "auto" damping: lambda = _AUTO_DAMPING * trace(G) / n_train, the mean squared norm of the features
@@ -418,7 +418,9 @@ class TRAK(GradientFeatureInfluence):
         """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None).
         Checkpoints are always the outer loop (``outer_loop_by_checkpoints`` is Captum's choice)."""
         with self._progress(show_progress):
-            return self._self_influence(inputs)
+            scores = self._self_influence(inputs)
+        check_scores(scores[:, None], "self_influence", "")
+        return scores
 
     def _self_influence(self, inputs: Any) -> torch.Tensor:
         if inputs is None:
