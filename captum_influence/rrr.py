@@ -63,7 +63,9 @@ class RRRLoss(nn.Module):
     tensors and ``mask`` a tensor or a tuple with one entry per input (``None``: that input is not
     penalised); each mask broadcasts to its input (e.g. (H, W) for images (B, C, H, W)) and may be
     boolean or real-valued (finite per-feature weights). NaN or inf in the inputs or a mask, and
-    labels outside [0, K), are refused. Weight decay belongs to the optimiser.
+    labels outside [0, K), are refused, and so is a NaN or inf loss (naming the examples; this
+    reads the loss back, one device sync per step: ``check_finite=False`` skips it). Weight decay
+    belongs to the optimiser.
 
     After each call, ``last_terms`` holds the two terms (detached) for logging.
 
@@ -82,7 +84,9 @@ class RRRLoss(nn.Module):
         >>> loss_fn.last_terms.penalty
     """
 
-    def __init__(self, l2_grads: float, target: str = "log_probs", *, reduction: str = "mean"):
+    def __init__(
+        self, l2_grads: float, target: str = "log_probs", *, reduction: str = "mean", check_finite: bool = True
+    ):
         super().__init__()
         if isinstance(l2_grads, bool) or not isinstance(l2_grads, numbers.Real):
             raise TypeError(f"l2_grads: expected a non-negative real number; got {type(l2_grads).__name__}.")
@@ -95,6 +99,9 @@ class RRRLoss(nn.Module):
         self.l2_grads = float(l2_grads)
         self.target = target
         self.reduction = reduction
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite: expected a bool; got {check_finite!r}.")
+        self.check_finite = check_finite
         self.last_terms: Optional[RRRTerms] = None
         self._warned_batchnorm = False
         self._checked_output = False
@@ -137,7 +144,10 @@ class RRRLoss(nn.Module):
         if self.reduction == "mean":
             penalty = penalty / n
         self.last_terms = RRRTerms(cross_entropy.detach(), penalty.detach())
-        return cross_entropy + self.l2_grads * penalty
+        loss = cross_entropy + self.l2_grads * penalty
+        if self.check_finite and not bool(torch.isfinite(loss)):
+            _refuse_nonfinite_loss(logits, labels, [masks[i] * g for i, g in zip(penalised, grads)])
+        return loss
 
     def _warn_batchnorm(self, model: Callable) -> None:
         if self._warned_batchnorm or not isinstance(model, nn.Module):
@@ -166,6 +176,19 @@ class RRRLoss(nn.Module):
                 "(ci.select_output(model, 'logits') removes a final softmax).",
                 stacklevel=3,
             )
+
+
+def _refuse_nonfinite_loss(logits: torch.Tensor, labels: torch.Tensor, masked_grads: list) -> None:
+    """Name the examples whose cross-entropy or masked input gradient is NaN or inf."""
+    n = logits.shape[0]
+    per_example = F.cross_entropy(logits.detach(), labels, reduction="none").reshape(n, -1)
+    rows = torch.cat([per_example] + [g.detach().reshape(n, -1) for g in masked_grads], dim=1)
+    bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"model: the loss is NaN or inf for examples {bad[:20]}{' ...' if len(bad) > 20 else ''} of the batch "
+        "(their logits or input gradients are not finite: check the model's weights, or its outputs for "
+        "these inputs); pass check_finite=False to skip this check, which costs one device sync per step."
+    )
 
 
 def _as_tuple(value: TensorOrTuple, arg: str) -> tuple:

@@ -200,11 +200,31 @@ class TRAK(GradientFeatureInfluence):
         if inverse_scaling not in _INVERSE_SCALINGS:
             raise ValueError(f"inverse_scaling: expected one of {_INVERSE_SCALINGS}; got {inverse_scaling!r}.")
         self.inverse_scaling = inverse_scaling
+        self._check_memory(store_dir is not None)
         if store_dir is not None:
             self.store = FeatureStore(store_dir, self._metadata())
         self._solves: Optional[list[_Solve]] = None
         self._keys: Optional[Features] = None
         self._projectors: dict[int, Projector] = {}
+
+    def _check_memory(self, stored: bool) -> None:
+        """Refuse up front what cannot fit: the k x k float64 Gram matrix and its factor of one
+        checkpoint (2 x 8 k^2 bytes), and without a store the (n_train, M k) float32 keys."""
+        k, n, m = self.feature_dim, self.n_train, len(self.checkpoints)
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        gram = 16 * k * k
+        if gram > available // 2:
+            raise ValueError(
+                f"projection_dim: {k} features need {gram / 2**30:.1f} GiB for one checkpoint's Gram matrix and its "
+                f"factor, more than half of this machine's {available / 2**30:.1f} GiB; pass a smaller projection_dim."
+            )
+        keys = 4 * n * m * k
+        if not stored and keys > available // 2:
+            raise ValueError(
+                f"store_dir: the keys of {n} training examples x {m} checkpoints x {k} features take "
+                f"{keys / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.1f} GiB; pass a "
+                "store_dir (memory-mapped on disk) or a smaller projection_dim."
+            )
 
     def _check_projection_dim(self, projection_dim: Any, grad_dim: int, damping: Any) -> Optional[int]:
         if projection_dim == "auto":

@@ -270,3 +270,14 @@ def count() -> dict[str, int]:
 if __name__ == "__main__":
     counts = count()
     print(" / ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def test_a_loader_whose_collate_fn_yields_bare_tensors_is_named():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    loader = DataLoader(data, batch_size=4, collate_fn=lambda items: torch.stack([x for x, _ in items]))
+    with pytest.raises(ValueError, match="train_dataset: its loader yields a Tensor of shape"):
+        ci.TracInCP(model, loader, [model.state_dict()]).self_influence()

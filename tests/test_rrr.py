@@ -283,3 +283,17 @@ def test_batched_penalty_peak_memory_is_at_most_three_times_a_plain_step():
     print(f"peak memory: plain step {plain_peak / 2**20:.2f} MiB, RRR step {rrr_peak / 2**20:.2f} MiB, ratio {ratio:.2f}")
     assert plain_peak > 2 * activation  # the measurement sees the activations
     assert ratio <= 3.0, f"RRR step peak {rrr_peak} bytes is {ratio:.2f}x the plain step's {plain_peak}"
+
+
+def test_nan_loss_from_the_model_names_the_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y, mask = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.ones(4)
+    with torch.no_grad():
+        model[0].weight[1, 0] = float("inf")  # examples with x[:, 0] != 0 get inf / NaN logits
+    with pytest.raises(ValueError, match=r"model: the loss is NaN or inf for examples \[0, 1, 2, 3, 4\]"):
+        ci.RRRLoss(l2_grads=1.0)(model, x, y, mask)
+    loss = ci.RRRLoss(l2_grads=1.0, check_finite=False)(model, x, y, mask)
+    assert not torch.isfinite(loss)
+    with pytest.raises(TypeError, match="check_finite"):
+        ci.RRRLoss(l2_grads=1.0, check_finite="yes")

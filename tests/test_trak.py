@@ -469,3 +469,21 @@ def test_projection_dim_above_the_gradient_dimension_uses_exact_gradients_with_a
     assert wide.projection_dim is None
     exact = ci.TRAK(model, train, [model.state_dict()], projection_dim=None, damping=0.1)
     torch.testing.assert_close(wide.influence(test), exact.influence(test))
+
+
+def test_requests_that_cannot_fit_in_memory_are_refused_up_front():
+    """Checked from the sizes alone, before any featurising: one Gram matrix and its factor
+    (16 k^2 bytes), and without a store the keys (4 n M k bytes), against the machine's memory."""
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model = nn.Sequential(nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 4))
+    train = TensorDataset(torch.randn(40, 10), torch.randint(0, 4, (40,)))
+    trak = ci.TRAK(model, train, [model.state_dict()], projection_dim=None, damping=0.1)
+    trak.feature_dim = int((memory / 16) ** 0.5) + 1
+    with pytest.raises(ValueError, match=r"projection_dim: \d+ features need [\d.]+ GiB"):
+        trak._check_memory(stored=True)
+    trak.feature_dim, trak.n_train = 2048, memory // (4 * 2048) + 1
+    with pytest.raises(ValueError, match="store_dir: the keys of"):
+        trak._check_memory(stored=False)
+    trak._check_memory(stored=True)  # on disk: fine

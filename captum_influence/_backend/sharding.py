@@ -91,6 +91,18 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def _as_batch(batch: object) -> tuple:
+    """A loader's batch as a tuple ``(*model_inputs, labels)``, or a clear error (a collate_fn that
+    returns a bare tensor would otherwise be split into its rows)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return tuple(batch)
+    shape = f" of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else ""
+    raise ValueError(
+        f"train_dataset: its loader yields a {type(batch).__name__}{shape}; expected batches that are tuples "
+        "(*model_inputs, labels) as in captum.influence (check the DataLoader's collate_fn)."
+    )
+
+
 def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int, tuple]]:
     """``(start, batch)`` for the batches numbered ``batches`` of a fixed-order loader. A loader
     with a fixed batch size over a sequential sampler loads only those examples; any other is
@@ -105,7 +117,7 @@ def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int,
         )
         start = first
         for batch in part:
-            batch = tuple(batch)
+            batch = _as_batch(batch)
             yield start, batch
             start += len(batch[-1])
         return
@@ -113,7 +125,7 @@ def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int,
     for index, batch in enumerate(loader):
         if index >= batches.stop:
             return
-        batch = tuple(batch)
+        batch = _as_batch(batch)
         if index in batches:
             yield start, batch
         start += len(batch[-1])
