@@ -25,6 +25,7 @@ import re
 import socket
 import uuid
 import warnings
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -331,7 +332,7 @@ class FeatureStore:
     def _discard(self, name: str, why: str) -> None:
         """Remove array ``name`` (and its flags: its work is redone), warning why."""
         warnings.warn(f"store_dir: {str(self.path / f'{name}.npy')!r} is damaged ({why}); its rows are computed again.")
-        stems = [name] if name.endswith(".done") else [name, f"{name}.done"]
+        stems = [name] if name.endswith(".done") else [name, f"{name}.done", f"{name}.sums"]
         for stem in stems:
             (self.path / f"{stem}.npy").unlink(missing_ok=True)
             self._set_record(f"{stem}.npy", None)
@@ -378,7 +379,7 @@ class FeatureStore:
         """Record the size and checksum of array ``name`` and its flags once every batch is done
         (a no-op for one already recorded)."""
         records = self._records()
-        for stem in (name, f"{name}.done"):
+        for stem in (name, f"{name}.done", f"{name}.sums"):
             file = self.path / f"{stem}.npy"
             if file.name not in records and file.exists():
                 self._record(file)
@@ -433,6 +434,35 @@ def release_pages(block: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+def _rows_checksum(block: np.ndarray) -> int:
+    """CRC-32 of a block of rows, plus one (0 marks a batch without a checksum)."""
+    return zlib.crc32(np.ascontiguousarray(block).tobytes()) + 1
+
+
+def _recheck_batches(
+    out: np.ndarray, done: np.ndarray, sums: np.ndarray, indices: range, store: "FeatureStore", name: str
+) -> None:
+    """Before resuming an unfinished array: a finished batch whose rows no longer match their
+    checksum (flipped bytes, rows zeroed) is marked unfinished, so that only it is computed again."""
+    if done.all() and name + ".npy" in store._records():
+        return  # finished and recorded: the whole file's checksum was checked on open
+    damaged = []
+    for index in indices:
+        if not done[index]:
+            continue
+        start, stop, checksum = (int(v) for v in sums[index])
+        if checksum == 0 or stop > out.shape[0] or _rows_checksum(out[start:stop]) != checksum:
+            done[index] = 0
+            damaged.append(index)
+    if damaged:
+        done.flush()
+        store.unfinish(name)
+        warnings.warn(
+            f"store_dir: batches {damaged[:20]}{' ...' if len(damaged) > 20 else ''} of "
+            f"{str(store.path / (name + '.npy'))!r} do not match their checksums; they are computed again."
+        )
+
+
 def fill_rows(
     batches: Iterable[tuple[int, Any]],
     compute: Callable[[Any], torch.Tensor],
@@ -460,6 +490,8 @@ def fill_rows(
     else:
         out = store.array(name, (n_rows, dim), np_dtype)
         done = store.flags(name, n_batches)
+        sums = store.array(f"{name}.sums", (n_batches, 3), np.uint64)
+        _recheck_batches(out, done, sums, indices, store, name)
     bar = tqdm(total=len(indices), desc=desc, disable=not show_progress, leave=False)
     for index, (start, batch) in zip(indices, batches):
         if done is not None and done[index]:
@@ -471,6 +503,10 @@ def fill_rows(
         else:
             out[start : start + rows.shape[0]] = rows.numpy()
             out.flush()
+            # The batch's rows and their checksum are on disk before its flag: a kill in between
+            # leaves the batch unfinished, and rows damaged later are found on resume.
+            sums[index] = (start, start + rows.shape[0], _rows_checksum(out[start : start + rows.shape[0]]))
+            sums.flush()
             release_pages(out[start : start + rows.shape[0]])
             done[index] = 1
             done.flush()

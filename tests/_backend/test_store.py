@@ -41,6 +41,27 @@ def test_interrupted_run_resumes_to_byte_identical_features(tmp_path):
     assert in_memory.tobytes() == reference.tobytes()
 
 
+@pytest.mark.parametrize("damage", ["flip", "zero"])
+def test_damaged_rows_of_an_unfinished_array_are_found_and_redone(tmp_path, damage):
+    """Rows of finished batches in an array that is still being filled carry per-batch checksums:
+    flipped or zeroed bytes there are found on resume and only that batch is computed again."""
+    meta = {"model": "mlp", "projection_dim": 8, "seed": 0, "n": 50}
+    reference, _ = _featurise(FeatureStore(tmp_path / "whole", meta))
+    with pytest.raises(KeyboardInterrupt):
+        _featurise(FeatureStore(tmp_path / "resumed", meta), fail_at=4)  # batches 0, 1, 2 finished
+    rows = np.load(tmp_path / "resumed" / "features.npy", mmap_mode="r+")
+    if damage == "flip":
+        rows[9, 3] = -rows[9, 3]  # batch 1 holds rows 8..15
+    else:
+        rows[8:16] = 0
+    rows.flush()
+    del rows
+    with pytest.warns(UserWarning, match=r"batches \[1\] of .*features.npy' do not match their checksums"):
+        resumed, calls = _featurise(FeatureStore(tmp_path / "resumed", meta))
+    assert calls == 7 - 2  # batches 0 and 2 are kept, batch 1 and the unfinished ones are computed
+    assert resumed.tobytes() == reference.tobytes()
+
+
 def test_store_with_other_settings_is_refused(tmp_path):
     FeatureStore(tmp_path, {"seed": 0, "projection_dim": 8})
     with pytest.raises(ValueError, match="seed: stored 0, now 1"):
