@@ -42,7 +42,7 @@ _BLOCK_ELEMENTS = 2**22
 # Examples hashed for the data's fingerprint, spread evenly from the first to the last.
 _SAMPLED_EXAMPLES = 64
 # The files of one layer's store (FeatureStore's metadata, the array and its batch flags).
-_STORE_FILES = ("metadata.json", "activations.npy", "activations.done.npy")
+_STORE_FILES = ("metadata.json", "activations.npy", "activations.done.npy", "activations.sums.npy")
 # Captum's documented influence() keywords that its implementation never reads.
 _UNUSED_CAPTUM_KEYWORDS = ("load_input_from_disk", "inputs_id")
 
