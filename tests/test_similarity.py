@@ -9,7 +9,7 @@ from captum.influence import SimilarityInfluence as CaptumSimilarityInfluence
 from captum.influence._core.similarity_influence import cosine_similarity as captum_cosine
 from captum.influence._core.similarity_influence import euclidean_distance as captum_euclidean
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import captum_influence as ci
 from captum_influence.similarity import cosine_similarity, euclidean_distance
