@@ -254,6 +254,20 @@ def _check_finite(tensors: Tensors, arg: str) -> None:
         )
 
 
+def _check_dtype(forward_func: Any, tensors: Tensors, arg: str) -> None:
+    """Floating inputs of another dtype than a model's parameters fail inside its first layer
+    with a raw error; name both dtypes instead."""
+    if not isinstance(forward_func, nn.Module):
+        return
+    dtype = next((p.dtype for p in forward_func.parameters() if p.is_floating_point()), None)
+    for i, t in enumerate(tensors):
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(
+                f"{arg if len(tensors) == 1 else f'{arg}[{i}]'}: dtype {t.dtype}, but the model's parameters are "
+                f"{dtype}; convert one of them (for example inputs.to({dtype}) or model.to({t.dtype}))."
+            )
+
+
 def _check_forward(forward_func: Any) -> None:
     if not callable(forward_func):
         raise TypeError(
@@ -346,6 +360,7 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
         path = _Path(start=format_baselines(baselines, x), end=x, output=output)
         _check_finite(x, "inputs")
         _check_finite(path.start, "baselines")
+        _check_dtype(self.forward_func, x, "inputs")
         return self._attribute_path(
             path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
             return_convergence_delta, as_tuple,

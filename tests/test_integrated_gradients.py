@@ -337,3 +337,13 @@ def test_attribute_future_is_not_implemented_as_in_captum():
     for cls in (ci.IntegratedGradients, CaptumIG):
         with pytest.raises(NotImplementedError):
             cls(model).attribute_future()
+
+
+def test_inputs_of_another_dtype_than_the_model_name_both():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"inputs: dtype torch.float64, but the model's parameters are torch.float32"):
+        ci.IntegratedGradients(model).attribute(torch.randn(2, 3, dtype=torch.float64), target=0)
+    double = model.double()
+    with pytest.raises(ValueError, match=r"inputs: dtype torch.float32, but the model's parameters are torch.float64"):
+        ci.IntegratedGradients(double).attribute(torch.randn(2, 3), target=0)
+    ci.IntegratedGradients(double).attribute(torch.randn(2, 3, dtype=torch.float64), target=0)
