@@ -158,3 +158,17 @@ def select_targets(output: Any, index: Optional[torch.Tensor], *, arg: str = "ta
             f"{tuple(output.shape[1:])}; it must select one scalar per example."
         )
     return picked.reshape(n)
+
+
+def check_finite(tensors: tuple[torch.Tensor, ...], arg: str, consequence: str) -> None:
+    """Refuse NaN or inf in a tuple of batched tensors (``inputs``, ``baselines``), naming the
+    tensor and the examples; ``consequence`` says what would be NaN otherwise."""
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{arg if len(tensors) == 1 else f'{arg}[{i}]'}: NaN or inf in examples {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}; {consequence}."
+        )

@@ -30,7 +30,7 @@ from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approxim
 from captum.log import log_usage
 from torch import nn
 
-from ._attr_args import format_args, format_baselines, format_inputs, select_targets, take, target_index
+from ._attr_args import check_finite, format_args, format_baselines, format_inputs, select_targets, take, target_index
 from ._backend import input_grads
 from .completeness import CompletenessWarning, _relative_error, _within
 
@@ -243,15 +243,7 @@ def _report(convergence: Convergence, what: str) -> None:
 
 def _check_finite(tensors: Tensors, arg: str) -> None:
     """Refuse NaN or inf in ``inputs`` or ``baselines``: (x - x') * grad would be NaN there."""
-    for i, t in enumerate(tensors):
-        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
-            continue
-        rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"{arg if len(tensors) == 1 else f'{arg}[{i}]'}: NaN or inf in examples {bad[:20]}"
-            f"{' ...' if len(bad) > 20 else ''}; expected finite values (the attributions would be NaN there)."
-        )
+    check_finite(tensors, arg, "expected finite values (the attributions would be NaN there)")
 
 
 def _check_dtype(forward_func: Any, tensors: Tensors, arg: str) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attr_args import check_finite
 from ._backend import batch_size_of, input_grads
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -121,7 +122,7 @@ class RRRLoss(nn.Module):
         inputs = _as_tuple(inputs, "inputs")
         n = _check_labels(labels, inputs)
         masks = _check_masks(inputs, mask)
-        _check_finite_inputs(inputs)
+        check_finite(inputs, "inputs", "expected finite inputs (the loss and its gradient would be NaN)")
         self._warn_batchnorm(model)
 
         penalised = [i for i, m in enumerate(masks) if m is not None]
@@ -245,18 +246,6 @@ def _first_bad(t: torch.Tensor) -> str:
     """Where a tensor is not finite, for a message: the first few positions."""
     bad = (~torch.isfinite(t)).nonzero()
     return f"positions {[tuple(p) for p in bad[:5].tolist()]}{' ...' if len(bad) > 5 else ''}"
-
-
-def _check_finite_inputs(inputs: tuple) -> None:
-    for i, x in enumerate(inputs):
-        if not x.is_floating_point() or bool(torch.isfinite(x).all()):
-            continue
-        rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
-        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"inputs{'' if len(inputs) == 1 else f'[{i}]'}: NaN or inf in examples {bad[:20]}"
-            f"{' ...' if len(bad) > 20 else ''}; expected finite inputs (the loss and its gradient would be NaN)."
-        )
 
 
 def _check_labels(labels: torch.Tensor, inputs: tuple) -> int:
