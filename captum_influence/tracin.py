@@ -695,11 +695,11 @@ class TracInCPFast(_TracInBase):
     def _not_factorable(self, layer: str) -> None:
         """A layer whose weight is also used outside its forward has no gradient d a^T: refuse it.
         (Shared with another layer, or a forward that couples the examples: explicit gradients.)"""
-        reason = self._engine.reasons.get(self._engine_path(layer), "")
-        if "outside" in reason:
+        if set(self.param_names) & self._engine.used_outside:  # the layer's own parameters, tied names too
             raise ValueError(
                 f"final_fc_layer: {layer!r} does not give its per-example gradients from its inputs and "
-                f"output gradients ({reason}); use TracInCP with layers=[...] instead."
+                f"output gradients ({self._engine.reasons[self._engine_path(layer)]}); use TracInCP with "
+                "layers=[...] instead."
             )
 
 

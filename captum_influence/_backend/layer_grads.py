@@ -141,6 +141,8 @@ class LayerGrads:
         self._guarded = 0  # chunks whose coupling was checked, to rotate the example compared
         #: why each module that is not on the hook path is not, by module path
         self.reasons: dict[str, str] = {}
+        #: parameters the check found used outside their module's forward (so not d a^T)
+        self.used_outside: set[str] = set()
         table = dict(model.named_parameters())
         name_of = {id(table[name]): name for name in self.names}
         owners: dict[str, list[tuple[str, nn.Module, str]]] = {name: [] for name in self.names}
@@ -337,6 +339,7 @@ class LayerGrads:
                 error = float((weighted[name] - ref_of[name]).norm()) / max(scales[key], floor, torch.finfo(torch.float64).tiny)
                 if error > _tolerance(table[name].dtype):
                     outside.add(name)
+                    self.used_outside.add(name)
                     reasons[path] = (
                         f"the hooks do not reproduce autograd for {name!r} (error {error:.1e} of the layer's "
                         "gradient): the parameter is used outside the module's forward"
