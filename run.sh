@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's entry point: `./run.sh demo [--out DIR]` runs the main job, `./run.sh test` the tests.
+# The project's entry point: `./run.sh demo [--out DIR]` runs the main job, `./run.sh test` the tests,
+# `./run.sh lint` the checks (ruff lint and format, mypy on the package).
 # Each call makes (or reuses) a local virtual environment in .venv with the CPU build of torch,
 # the package and its extras, then runs the command inside it.
 set -euo pipefail
@@ -11,7 +12,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 ensure_env() {
   local stamp="$VENV/.installed"
   local want
-  want="$(cat setup.cfg setup.py | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+  want="$(cat pyproject.toml setup.cfg setup.py | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
@@ -34,8 +35,16 @@ case "$cmd" in
     ensure_env
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
+  lint)
+    ensure_env
+    status=0
+    "$VENV/bin/ruff" check . || status=1
+    "$VENV/bin/ruff" format --check . || status=1
+    "$VENV/bin/mypy" captum_influence || status=1
+    exit "$status"
+    ;;
   *)
-    echo "usage: ./run.sh demo [--out DIR] | ./run.sh test [pytest args]" >&2
+    echo "usage: ./run.sh demo [--out DIR] | ./run.sh test [pytest args] | ./run.sh lint" >&2
     exit 2
     ;;
 esac

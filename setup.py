@@ -1,3 +1,5 @@
+"""Kept for tools that call setup.py; pyproject.toml holds the configuration."""
+
 from setuptools import setup
 
 setup()
