@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 Batch = tuple
 
@@ -50,6 +50,11 @@ def margin_fn(model: nn.Module, *batch: Any) -> torch.Tensor:
 def ce_fn(model: nn.Module, *batch: Any) -> torch.Tensor:
     """``fn(model, *inputs, labels) -> Tensor[B]``: each example's cross-entropy."""
     return F.cross_entropy(logits_of(call(model, batch[:-1])), batch[-1], reduction="none")
+
+
+def neg_ce_fn(model: nn.Module, *batch: Any) -> torch.Tensor:
+    """``fn(model, *inputs, labels) -> Tensor[B]``: each example's log-likelihood, -cross-entropy."""
+    return -ce_fn(model, *batch)
 
 
 def example(batch: Sequence[Any], b: int) -> tuple:
@@ -208,6 +213,35 @@ def line_of(function: Callable, text: str) -> int:
 # --- small models ------------------------------------------------------------------------
 
 
+def checkpointed_classifier(
+    *hidden: nn.Module, learning_rates: Optional[Sequence[float]] = None, data_seed: int = 1
+) -> tuple[nn.Sequential, list[dict], TensorDataset, Batch]:
+    """``(model, checkpoints, train, test)``: ``Linear(6, 10), *hidden, Linear(10, 3)`` (hidden:
+    Tanh unless given), seeded; two checkpoints, the initial weights and those after a random step
+    of scale 0.3; 42 training examples (6 batches of 8, the last short) and 5 test examples, drawn
+    from a generator seeded with ``data_seed``. With ``learning_rates``, checkpoint c is its state
+    dict plus ``"lr": learning_rates[c]``, to load with :func:`load_with_lr`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), *(hidden or (nn.Tanh(),)), nn.Linear(10, 3))
+    checkpoints: list[dict] = []
+    for c in range(2):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        checkpoints.append(state if learning_rates is None else {"lr": learning_rates[c], **state})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(data_seed)
+    train = TensorDataset(torch.randn(42, 6, generator=g), torch.randint(0, 3, (42,), generator=g))
+    test = (torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+    return model, checkpoints, train, test
+
+
+def load_with_lr(model: nn.Module, checkpoint: dict) -> float:
+    """``checkpoints_load_func`` for :func:`checkpointed_classifier`'s checkpoints with learning rates."""
+    model.load_state_dict({k: v for k, v in checkpoint.items() if k != "lr"})
+    return checkpoint["lr"]
+
+
 class BatchMaxNet(nn.Module):
     """Doubles the hidden layer when any input of the batch sums above ``threshold``: a batched
     forward computes another function of each example than the example alone."""
@@ -344,7 +378,12 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config).eval()

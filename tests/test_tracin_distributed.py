@@ -1,44 +1,25 @@
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import checkpointed_classifier, load_with_lr
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import captum_influence as ci
 from captum_influence import tracin
 
 
-def problem():
-    """Two Linear layers (factorised) around a LayerNorm (per-example gradients), two checkpoints,
-    42 training examples in 6 batches (the last short)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.LayerNorm(10), nn.Tanh(), nn.Linear(10, 3))
-    states = []
-    for lr in (0.5, 0.25):
-        states.append({"lr": lr, **{k: v.clone() for k, v in model.state_dict().items()}})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    train = TensorDataset(torch.randn(42, 6), torch.randint(0, 3, (42,)))
-    test = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
-    return model, states, train, test
-
-
-def load(model, checkpoint):
-    model.load_state_dict({k: v for k, v in checkpoint.items() if k != "lr"})
-    return checkpoint["lr"]
-
-
 def results() -> dict:
     out = {}
     for name, make in {
-        "cp": lambda m, s, t: ci.TracInCP(m, t, s, load, batch_size=8),
-        "cp_projected": lambda m, s, t: ci.TracInCP(m, t, s, load, batch_size=8, projection_dim=16),
-        "fast": lambda m, s, t: ci.TracInCPFast(m, m[3], t, s, load, batch_size=8),
+        "cp": lambda m, s, t: ci.TracInCP(m, t, s, load_with_lr, batch_size=8),
+        "cp_projected": lambda m, s, t: ci.TracInCP(m, t, s, load_with_lr, batch_size=8, projection_dim=16),
+        "fast": lambda m, s, t: ci.TracInCPFast(m, m[3], t, s, load_with_lr, batch_size=8),
     }.items():
-        model, states, train, test = problem()
+        # Two Linear layers (factorised) around a LayerNorm (per-example gradients).
+        model, states, train, test = checkpointed_classifier(nn.LayerNorm(10), nn.Tanh(), learning_rates=(0.5, 0.25))
         seen = []  # examples through the model's forward, to see that each rank does only its share
         model.register_forward_hook(lambda m, args, y: seen.append(len(args[0])))
         method = make(model, states, train)
@@ -68,6 +49,7 @@ def worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_ranks_give_the_single_process_tracin_scores_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(tracin, "_BLOCK_ELEMENTS", SMALL_BLOCKS)
     threads = torch.get_num_threads()

@@ -1,43 +1,55 @@
+"""TRAK under torch.distributed: two gloo ranks on CPU give the single-process scores bit for bit,
+each rank featurising only its share of the training batches into the shared store."""
+
 import os
+import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-from torch.utils.data import TensorDataset
+from helpers import checkpointed_classifier
 
 import captum_influence as ci
+from captum_influence._backend.sharding import shard_range
 
-
-def problem():
-    """A small classifier, two checkpoints, 42 training examples in 6 batches (the last short)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
-    states = []
-    for _ in range(2):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    train = TensorDataset(torch.randn(42, 6), torch.randint(0, 3, (42,)))
-    test = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
-    return model, states, train, test
+BATCH = 8
+N_TRAIN = 42
+N_BATCHES = -(-N_TRAIN // BATCH)
 
 
 def results(store_dir) -> dict:
-    model, states, train, test = problem()
-    seen = []  # examples through the model's forward, to see that each rank does only its share
-    model.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
-    trak = ci.TRAK(model, train, states, projection_dim=32, batch_size=8, store_dir=store_dir)
+    model, states, train, test = checkpointed_classifier()
+    # The inputs of the model's forwards with gradients, to see which training rows each rank
+    # featurises (the task's no-grad look at the first batch, a check for logits, is not featurising).
+    seen = []
+    model.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach().clone()) if torch.is_grad_enabled() else None
+    )
+    trak = ci.TRAK(model, train, states, projection_dim=32, batch_size=BATCH, store_dir=store_dir)
     top = trak.influence(test, k=4)
-    return {
+    out = {
         "scores": trak.influence(test),
         "top": (top.indices, top.influence_scores),
         "self": trak.self_influence(),
-        "forward_examples": sum(seen),
     }
+    forwarded = torch.cat(seen)
+    x_train = train.tensors[0]
+    out["train_rows"] = sorted(i for i in range(N_TRAIN) if (forwarded == x_train[i]).all(1).any())
+    return out
+
+
+def store_contents(store: Path) -> dict:
+    """Every array and tensor file of a store, by name; left out are the metadata and the per-batch
+    checksums, which are bookkeeping of the process that wrote each batch."""
+    arrays = [f for f in sorted(store.glob("*.npy")) if not f.name.endswith(".sums.npy")]
+    contents = {f.name: torch.from_numpy(np.load(f)) for f in arrays}
+    contents.update({f.name: torch.load(f) for f in sorted(store.glob("*.pt"))})
+    return contents
 
 
 def worker(rank: int, tmp: str) -> None:
@@ -59,39 +71,50 @@ def worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_ranks_give_the_single_process_scores_exactly(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = results(None)
+        reference = results(tmp_path / "single")
     finally:
         torch.set_num_threads(threads)
+    assert reference["train_rows"] == list(range(N_TRAIN))
     mp.spawn(worker, args=(str(tmp_path),), nprocs=2)
     for rank in range(2):
+        # Rank r featurises the training rows of its contiguous share of the 6 batches, and no other.
+        batches = shard_range(N_BATCHES, rank, 2)
+        share = list(range(batches.start * BATCH, min(batches.stop * BATCH, N_TRAIN)))
+        assert share and len(share) < N_TRAIN
         for mode, got in torch.load(tmp_path / f"rank{rank}.pt").items():
             assert torch.equal(got["scores"], reference["scores"]), (rank, mode)
             assert all(torch.equal(a, b) for a, b in zip(got["top"], reference["top"])), (rank, mode)
             assert torch.equal(got["self"], reference["self"]), (rank, mode)
-            assert got["forward_examples"] < 0.75 * reference["forward_examples"], (rank, mode)
-    # Each rank wrote its own shard of every checkpoint's features into the shared store.
-    assert (tmp_path / "store" / "grads_0.npy").exists() and (tmp_path / "store" / "grads_1.npy").exists()
+            if mode != "repaired":  # a repair redoes only the damaged files' batches
+                assert got["train_rows"] == share, (rank, mode)
+    # The ranks' shards together make the single-process store: every checkpoint's projected
+    # gradients, the keys, the Cholesky factors and solves, file for file and bit for bit (after
+    # rank 0 damaged two files and both ranks repaired them).
+    single, shared = store_contents(tmp_path / "single"), store_contents(tmp_path / "store")
+    assert {"grads_0.npy", "grads_1.npy", "keys.npy", "factor_0.pt", "factor_1.pt"} <= set(single)
+    assert list(shared) == list(single)
+    for name, expected in single.items():
+        assert torch.equal(shared[name], expected), name
 
 
 def stalled_rank_worker(rank: int, tmp: str) -> None:
     """Rank 1 never joins the computation; rank 0's TRAK (and TracInCP) must name it after
     their ``timeout`` instead of waiting for the process group's."""
-    import time
-    from datetime import timedelta
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     if rank == 1:
         time.sleep(5)
         return
-    model, states, train, test = problem()
+    model, states, train, test = checkpointed_classifier()
     for name, method in (
-        ("TRAK", ci.TRAK(model, train, states, projection_dim=32, batch_size=8, timeout=1.0)),
-        ("TracInCP", ci.TracInCP(model, train, states, batch_size=8, timeout=1.0)),
+        ("TRAK", ci.TRAK(model, train, states, projection_dim=32, batch_size=BATCH, timeout=1.0)),
+        ("TracInCP", ci.TracInCP(model, train, states, batch_size=BATCH, timeout=1.0)),
     ):
         began = time.monotonic()
         try:
@@ -100,6 +123,7 @@ def stalled_rank_worker(rank: int, tmp: str) -> None:
             Path(tmp, f"{name}.txt").write_text(f"{time.monotonic() - began:.1f} {err}")
 
 
+@pytest.mark.slow  # two processes
 def test_a_stalled_rank_is_named_after_the_methods_timeout(tmp_path):
     mp.spawn(stalled_rank_worker, args=(str(tmp_path),), nprocs=2)
     for name in ("TRAK", "TracInCP"):
@@ -108,12 +132,8 @@ def test_a_stalled_rank_is_named_after_the_methods_timeout(tmp_path):
         assert "rank(s) [1] of 2 did not" in message, message
 
 
-def test_timeout_is_checked():
-    model, states, train, _ = problem()
-    for bad in (0, -1.0, True, "1"):
-        try:
-            ci.TRAK(model, train, states, timeout=bad)
-        except ValueError as err:
-            assert "timeout" in str(err)
-        else:
-            raise AssertionError(f"timeout={bad!r} accepted")
+@pytest.mark.parametrize("bad", [0, -1.0, True, "1"])
+def test_timeout_is_checked(bad):
+    model, states, train, _ = checkpointed_classifier()
+    with pytest.raises(ValueError, match="timeout"):
+        ci.TRAK(model, train, states, timeout=bad)

@@ -12,34 +12,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import checkpointed_classifier
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
 from captum_influence._backend import store as store_module
 
-FILES = ["metadata.json", "grads_0.npy", "grads_0.done.npy", "grads_1.npy", "keys.npy", "keys.done.npy",
-         "factor_0.pt", "solve_1.pt"]
+FILES = [
+    "metadata.json",
+    "grads_0.npy",
+    "grads_0.done.npy",
+    "grads_1.npy",
+    "keys.npy",
+    "keys.done.npy",
+    "factor_0.pt",
+    "solve_1.pt",
+]
 
 
-def problem(act=nn.Tanh, data_seed=1):
-    """A small classifier, two checkpoints, 42 training examples in 6 batches (the last short)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), act(), nn.Linear(10, 3))
-    states = []
-    for _ in range(2):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(data_seed)
-    train = TensorDataset(torch.randn(42, 6, generator=g), torch.randint(0, 3, (42,), generator=g))
-    test = (torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
-    return model, states, train, test
-
-
-def scores(store_dir, **problem_args) -> torch.Tensor:
-    model, states, train, test = problem(**problem_args)
+def scores(store_dir, *hidden: nn.Module, data_seed: int = 1) -> torch.Tensor:
+    model, states, train, test = checkpointed_classifier(*hidden, data_seed=data_seed)
     trak = ci.TRAK(model, train, states, projection_dim=32, batch_size=8, store_dir=store_dir)
     return torch.cat([trak.influence(test), trak.self_influence()[None]])
 
@@ -57,6 +50,7 @@ def resumed(store_dir) -> torch.Tensor:
 
 # --- a process killed while writing ---------------------------------------------------------
 
+
 def _killed_run(store_dir: str, target: str, nth: int, phase: str) -> None:
     """Featurise into ``store_dir`` and SIGKILL this process at the ``nth`` write of ``target``:
     before its temporary file is written, with half of it written, or once it is in place."""
@@ -70,10 +64,12 @@ def _killed_run(store_dir: str, target: str, nth: int, phase: str) -> None:
                 if phase == "before":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if phase == "midway":
+
                     def half(tmp):
                         write(tmp)
                         os.truncate(tmp, os.path.getsize(tmp) // 2)
                         os.kill(os.getpid(), signal.SIGKILL)
+
                     return atomic_write(path, half)
         atomic_write(path, write)
         if path.name == target and len(seen) == nth and phase == "after":
@@ -94,10 +90,18 @@ def _killed_run(store_dir: str, target: str, nth: int, phase: str) -> None:
 
 
 KILLS = [(f, 1, phase) for f in FILES[1:] if f != "grads_1.npy" for phase in ("before", "midway", "after")]
-KILLS += [("metadata.json", 1, "before"), ("metadata.json", 1, "midway"), ("metadata.json", 1, "after"),
-          ("metadata.json", 4, "midway"), ("metadata.json", 9, "after"), ("batch", 5, ""), ("batch", 14, "")]
+KILLS += [
+    ("metadata.json", 1, "before"),
+    ("metadata.json", 1, "midway"),
+    ("metadata.json", 1, "after"),
+    ("metadata.json", 4, "midway"),
+    ("metadata.json", 9, "after"),
+    ("batch", 5, ""),
+    ("batch", 14, ""),
+]
 
 
+@pytest.mark.slow  # a process per case
 @pytest.mark.parametrize("target,nth,phase", KILLS)
 def test_killed_writer_resumes_bit_identical(tmp_path, reference, target, nth, phase):
     process = mp.get_context("fork").Process(target=_killed_run, args=(str(tmp_path), target, nth, phase))
@@ -108,6 +112,7 @@ def test_killed_writer_resumes_bit_identical(tmp_path, reference, target, nth, p
 
 
 # --- damaged files ----------------------------------------------------------------------------
+
 
 def _truncate(file: Path) -> None:
     os.truncate(file, file.stat().st_size // 2)
@@ -158,7 +163,7 @@ def test_store_of_other_data_or_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other settings \\(data: stored"):
         scores(tmp_path, data_seed=2)  # the same sizes, other values
     with pytest.raises(ValueError, match="other settings \\(model: stored .*Tanh.*ReLU"):
-        scores(tmp_path, act=nn.ReLU)  # the same parameter shapes
+        scores(tmp_path, nn.ReLU())  # the same parameter shapes
 
 
 class Items(torch.utils.data.Dataset):
@@ -175,9 +180,9 @@ class Items(torch.utils.data.Dataset):
 
 
 def test_store_of_other_data_through_a_plain_dataset_is_refused(tmp_path):
-    model, states, train, _ = problem()
+    model, states, train, _ = checkpointed_classifier()
     ci.TRAK(model, Items(train), states, projection_dim=32, batch_size=8, store_dir=tmp_path)
-    _, _, other, _ = problem(data_seed=2)
+    _, _, other, _ = checkpointed_classifier(data_seed=2)
     with pytest.raises(ValueError, match="other settings \\(data: stored"):
         ci.TRAK(model, Items(other), states, projection_dim=32, batch_size=8, store_dir=tmp_path)
 
@@ -190,6 +195,7 @@ def test_edited_metadata_that_is_still_json_is_damaged(tmp_path):
         scores(tmp_path)
 
 
+@pytest.mark.slow  # a second process
 def test_temporaries_of_killed_writers_are_removed(tmp_path):
     process = mp.get_context("fork").Process(target=_killed_run, args=(str(tmp_path), "keys.npy", 1, "midway"))
     process.start()
