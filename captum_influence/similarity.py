@@ -27,12 +27,12 @@ from captum.influence._core.similarity_influence import cosine_similarity as _ca
 from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, batch_size_of, fill_rows, merge_topk
 from ._backend.model_checks import preserved_modes
 from ._backend.solve import Features, as_tensor_block
 from ._data import as_loader, call_args, to_device
+from ._progress import progress
 
 SimilarityMetric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -409,7 +409,7 @@ class SimilarityInfluence(DataInfluence):
         rows = self.block_size or max(1, _BLOCK_ELEMENTS // max(dim, n_test))
         n = keys.shape[0]
         test_zero = _zero_rows(queries.reshape(n_test, -1)) if self._cosine else None
-        starts = tqdm(range(0, n, rows), desc=f"similarities of {layer}", disable=not self.show_progress, leave=False)
+        starts = progress(range(0, n, rows), desc=f"similarities of {layer}", show=self.show_progress, unit="block")
         for start in starts:
             stop = min(start + rows, n)
             block = as_tensor_block(keys, start, stop, queries.dtype, queries.device)
