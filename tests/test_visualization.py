@@ -73,7 +73,9 @@ def test_image_methods_render_with_delta_in_title(method, digits, tmp_path):
     attr = torch.randn(1, 1, 8, 8)  # a batch of one, as attribute() returns it
     signs = ["positive", "absolute_value"] if method in ("masked_image", "alpha_scaling") else vis.SIGNS
     for sign in signs:
-        fig, ax = vis.plot_attributions(attr, images[0], method=method, sign=sign, title="digit 0", delta=torch.tensor([-3.2e-5]))
+        fig, ax = vis.plot_attributions(
+            attr, images[0], method=method, sign=sign, title="digit 0", delta=torch.tensor([-3.2e-5])
+        )
         assert ax.get_title() == "digit 0\ncompleteness delta = -3.20e-05"
         assert len(ax.images) == (2 if method == "blended_heat_map" else 1)
         _render(fig, tmp_path, f"{method}_{sign}")
@@ -180,7 +182,50 @@ def test_captum_call_form_defaults():
     np.testing.assert_array_equal(fig.get_size_inches(), theirs_fig.get_size_inches())
     np.testing.assert_allclose(ax.images[-1].get_array(), theirs.images[-1].get_array(), rtol=0, atol=1e-6)
     assert ax.images[-1].get_cmap().name == theirs.images[-1].get_cmap().name == "Blues"
-    assert len(fig.axes) == len(theirs_fig.axes) == 1
+    # unlike Captum, a heat map gets its colour bar unless show_colorbar=False
+    assert len(theirs_fig.axes) == 1 and len(fig.axes) == 2 and ax.images[-1].colorbar is not None
+    fig, _ = vis.plot_attributions(attr, image, show_colorbar=False, use_pyplot=False)
+    assert len(fig.axes) == 1
+
+
+def _colorbar_ticks(image):
+    bar = image.colorbar
+    return [float(v) for v in bar.get_ticks()], [t.get_text() for t in bar.ax.get_xticklabels()]
+
+
+@pytest.mark.parametrize("method", ["heat_map", "blended_heat_map"])
+def test_heat_map_colour_bar_reads_in_attribution_units_with_the_signs_meaning(method, digits):
+    attr = np.linspace(-2.0, 1.0, 64).reshape(8, 8)
+    fig, ax = vis.plot_attributions(attr, digits[0][0], method=method, sign="all", outlier_perc=0)
+    heat = ax.images[-1]
+    assert heat.colorbar is not None
+    ticks, labels = _colorbar_ticks(heat)
+    t = np.abs(attr).max()  # outlier_perc=0: Captum's scale is the largest |attribution|
+    assert ticks == [-1.0, 0.0, 1.0] and labels == [f"-{t:.2g}", "0", f"+{t:.2g}"]
+    assert "lowers" in heat.colorbar.ax.get_xlabel() and "raises" in heat.colorbar.ax.get_xlabel()
+    assert heat.colorbar.extend == "neither"  # nothing clipped
+    _, ax = vis.plot_attributions(attr, sign="positive", outlier_perc=20)
+    ticks, labels = _colorbar_ticks(ax.images[0])
+    assert ticks == [0.0, 1.0] and ax.images[0].colorbar.extend == "max"  # the largest are clipped
+    assert "positive" in ax.images[0].colorbar.ax.get_xlabel()
+
+
+def test_panels_share_a_scale(digits):
+    rng = np.random.default_rng(3)
+    small, large = rng.standard_normal((8, 8)), 10 * rng.standard_normal((8, 8))
+    scale = float(np.abs(large).max())
+    fig, axes = plt.subplots(1, 2)
+    for ax, attr in zip(axes, (small, large)):
+        vis.plot_attributions(attr, sign="all", scale=scale, ax=ax)
+    for ax, attr in zip(axes, (small, large)):
+        np.testing.assert_allclose(ax.images[0].get_array(), attr / scale)  # one colour, one value
+        assert _colorbar_ticks(ax.images[0])[1] == [f"-{scale:.2g}", "0", f"+{scale:.2g}"]
+    # without a shared scale each panel fills its own colour range (Captum's per-image scaling)
+    _, ax = vis.plot_attributions(small, sign="all", outlier_perc=0)
+    assert np.abs(ax.images[0].get_array()).max() == pytest.approx(1.0)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="^scale: expected a positive number"):
+            vis.plot_attributions(small, scale=bad)
 
 
 @pytest.mark.parametrize("method", [m for m in vis.METHODS if m != "heat_map"])
@@ -257,7 +302,18 @@ def test_text_tokens_highlighted_and_wrapped(tmp_path):
     attr = torch.linspace(-1, 1, len(tokens))
     fig, ax = vis.plot_attributions(attr, tokens=tokens, title="review", sign="all", outlier_perc=0)
     boxes = [t for t in ax.texts if t.get_bbox_patch() is not None]
+    key = boxes[len(tokens) :]
+    boxes = boxes[: len(tokens)]
     assert [t.get_text() for t in boxes] == tokens  # "$good$" kept literally, not parsed as maths
+    # the colour key on its own last line: the scale's ends (|attr| max with outlier_perc=0) and zero
+    assert [t.get_text() for t in key] == ["-1 lowers the output", "0", "+1 raises it"]
+    assert [to_rgb(t.get_bbox_patch().get_facecolor()) for t in key] == [
+        to_rgb(boxes[0].get_bbox_patch().get_facecolor()),
+        (1.0, 1.0, 1.0),
+        to_rgb(boxes[-1].get_bbox_patch().get_facecolor()),
+    ]
+    last_line = min(t.get_transform().transform((0, 1))[1] for t in boxes)
+    assert all(t.get_transform().transform((0, 1))[1] < last_line for t in key)
     colours = [to_rgb(t.get_bbox_patch().get_facecolor()) for t in boxes]
     assert colours[0][0] > colours[0][1]  # most negative: red
     assert colours[-1][1] > colours[-1][0]  # most positive: green
@@ -274,7 +330,13 @@ def test_text_tokens_highlighted_and_wrapped(tmp_path):
 def test_attributions_to_html():
     tokens = ["good", "<pad>", "bad", "meh"]
     page = vis.attributions_to_html(tokens, torch.tensor([2.0, 0.0, -1.0, 0.5]), outlier_perc=0, delta=0.01)
-    assert page.count("<mark") == 4
+    text, key = page.split('<div class="captum-influence-key"')
+    assert text.count("<mark") == 4
+    assert re.findall(r">([^<>]+)</mark>", key) == ["-2 lowers the output", "0", "+2 raises it"]
+    assert vis.attributions_to_html(tokens, [1.0, 0, 0, 0], legend=False).count("<mark") == 4
+    shared = vis.attributions_to_html(tokens, [1.0, 0, -1.0, 0], scale=4.0)  # 1.0 drawn as a quarter of full colour
+    first = tuple(map(int, re.search(r"rgb\((\d+), (\d+), (\d+)\)", shared).groups()))
+    assert first == tuple(round(255 * c) for c in vis._token_rgb(0.25)) and "+4 raises it" in shared
     assert "&lt;pad&gt;" in page and "<pad>" not in page
     assert "completeness delta = +1.00e-02" in page
     colours = [tuple(map(int, c)) for c in re.findall(r"rgb\((\d+), (\d+), (\d+)\)", page)]
@@ -307,7 +369,45 @@ def test_influential_images_show_proponents_opponents_and_mislabelled(digits, tm
     assert axes[0, 2].get_title().endswith("mislabelled")
     assert to_rgb(axes[0, 2].title.get_color()) == to_rgb(vis._MISLABELED)
     assert sum(ax.get_title().endswith("mislabelled") for ax in axes.ravel()) == 1
+    key = axes[1, 0].texts[0].get_text()  # the cell under the test example holds the key, not blank
+    assert "score" in key and "red frame" in key
     _render(fig, tmp_path)
+
+
+def test_influential_flipped_examples_show_given_and_true_labels_and_the_method(digits, tmp_path):
+    images, true = digits
+    given = true.copy()
+    scores = np.linspace(1.0, -1.0, len(images))  # proponents 0, 1; opponents 199, 198
+    flipped = np.zeros(len(images), dtype=bool)
+    flipped[[1, 199]] = True
+    given[flipped] = (true[flipped] + 3) % 10
+    fig, axes = vis.plot_influential(
+        images[5], images, scores, k=2, labels=given, true_labels=true, mislabeled=flipped, method="TracInCP"
+    )
+    assert fig.get_suptitle().startswith("TracInCP: proponents")
+    assert axes[0, 2].get_title().endswith(f"given {given[1]}, true {true[1]}")
+    assert axes[1, 1].get_title().endswith(f"given {given[199]}, true {true[199]}")
+    assert axes[0, 1].get_title().endswith(f"label {given[0]}")  # a clean example keeps its one label
+    assert [to_rgb(axes[0, 2].spines["top"].get_edgecolor()), axes[0, 2].spines["top"].get_linewidth()] == [
+        to_rgb(vis._MISLABELED),
+        3,
+    ]
+    _render(fig, tmp_path)
+    # every cell is used: images in all but the key's cell, which holds text
+    assert sum(len(ax.images) > 0 for ax in axes.ravel()) == axes.size - 1 and axes[1, 0].texts
+    _, ax = vis.plot_influential(
+        images[5].ravel(),
+        images.reshape(len(images), -1),
+        scores,
+        k=1,
+        labels=given,
+        true_labels=true,
+        mislabeled=flipped,
+    )
+    cells = ax.tables[0].get_celld()
+    assert cells[3, 65].get_text().get_text() == f"{given[199]} (true {true[199]})"
+    with pytest.raises(ValueError, match="^true_labels: expected one label per training example"):
+        vis.plot_influential(images[0], images, scores, true_labels=true[:3])
 
 
 def test_influential_from_top_k_results_and_a_dataset(digits):
@@ -327,7 +427,9 @@ def test_influential_tabular_rows(tmp_path):
     train, scores = rng.standard_normal((30, 4)), rng.standard_normal(30)
     mislabeled = np.zeros(30, dtype=bool)
     mislabeled[np.argmin(scores)] = True
-    fig, ax = vis.plot_influential(train[0], train, scores, k=2, labels=np.arange(30) % 3, mislabeled=mislabeled, feature_names=list("abcd"))
+    fig, ax = vis.plot_influential(
+        train[0], train, scores, k=2, labels=np.arange(30) % 3, mislabeled=mislabeled, feature_names=list("abcd")
+    )
     cells = ax.tables[0].get_celld()
     n_rows = 1 + max(r for r, _ in cells)
     assert n_rows == 1 + 1 + 2 * 2  # header, test, 2 proponents, 2 opponents
@@ -370,13 +472,38 @@ def test_self_influence_histogram_and_detection_curve(tmp_path):
     np.testing.assert_allclose(curve.get_xdata(), np.arange(401) / 400)
     auc = float(re.search(r"AUC ([0-9.]+)", curve.get_label()).group(1))
     assert auc == pytest.approx(roc_auc_score(mis, si), abs=5e-4)
-    assert curve_ax.get_xlabel() == "fraction of training set inspected"
+    assert curve_ax.get_xlabel().startswith("fraction of training set inspected")
+    all_found = np.argmax(found >= 1) / 400
+    assert curve_ax.get_xlim()[1] == pytest.approx(min(1.0, 1.3 * max(all_found, 0.1)))
+    assert hist_ax.get_yscale() == "linear"  # no bin dwarfs the others
     _render(fig, tmp_path)
 
     fig, ax = vis.plot_self_influence(si, flag_fraction=0.1)
     assert sum(b.get_height() for b in ax.containers[0]) == 400
     assert ax.get_legend_handles_labels()[1][1].startswith("top 40 flagged")
     _render(fig, tmp_path, "plain")
+
+
+def test_self_influence_names_the_method_uses_log_counts_and_the_axis(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 1000
+    mis = np.zeros(n, dtype=bool)
+    mis[:50] = True
+    si = np.where(mis, rng.uniform(2.0, 6.0, n), rng.exponential(0.05, n))  # one bin holds most clean examples
+    fig, (hist_ax, curve_ax) = vis.plot_self_influence(si, mis, method="TracInCP")
+    counts = np.histogram(si, bins=30)[0]
+    assert counts.max() > 10 * np.median(counts[counts > 0])
+    assert hist_ax.get_yscale() == "log" and "log" in hist_ax.get_ylabel()
+    assert hist_ax.get_title().startswith("TracInCP self-influence of 1000 training examples")
+    assert curve_ax.get_title() == "Mislabel detection by TracInCP"
+    # all 50 are found after 5% of the set: the axis shows the first 13% (1.3 x twice the flagged 5%)
+    assert curve_ax.get_xlim() == pytest.approx((0.0, 0.13))
+    perfect = [line for line in curve_ax.lines if line.get_label() == "perfect order"][0]
+    np.testing.assert_allclose(perfect.get_ydata()[[0, 25, 50, 51]], [0.0, 0.5, 1.0, 1.0])
+    _render(fig, tmp_path)
+    assert vis.plot_self_influence(si, log_counts=False)[1].get_yscale() == "linear"
+    with pytest.raises(ValueError, match="^log_counts"):
+        vis.plot_self_influence(si, log_counts="yes")
 
 
 def test_self_influence_bad_input():
@@ -401,7 +528,8 @@ def test_completeness_lines_on_log_scales(tmp_path):
     np.testing.assert_allclose(example_lines[0].get_ydata(), deltas[:, 0].abs().numpy())
     np.testing.assert_allclose(example_lines[2].get_ydata(), [2e-4, floor, 1e-5, floor])
     assert len(ax.collections[0].get_offsets()) == 2  # the two exact zeros, marked
-    assert ax.get_xlabel() == "n_steps" and ax.get_ylabel() == "|delta|"
+    assert ax.get_xlabel() == "n_steps" and ax.get_ylabel() == "|sum(attr) - (F(x) - F(x'))|"
+    assert [line.get_ydata()[0] for line in ax.lines if line.get_label() == "tolerance 0.0001"] == [1e-4]
     _render(fig, tmp_path)
     _, ax = vis.plot_completeness(n_steps, deltas[:, 0])
     assert len(ax.lines) == 1
@@ -413,6 +541,30 @@ def test_completeness_lines_on_log_scales(tmp_path):
         vis.plot_completeness(n_steps, deltas, labels=["a"])
 
 
+def test_completeness_in_relative_error_with_the_target_and_the_legend_outside(tmp_path):
+    n_steps = [2, 4, 8, 16]
+    change = torch.tensor([2.0, -0.5, 0.01])  # F(x) - F(x') of each example
+    deltas = torch.tensor([[0.2, 0.05, 1e-4], [2e-3, 1e-3, 3e-5], [1e-4, 2e-5, 1e-6], [1e-6, 1e-7, 1e-8]])
+    fig, ax = vis.plot_completeness(n_steps, deltas, output_change=change, labels=list("abc"), method="IG in logits")
+    lines = {line.get_label(): line for line in ax.lines}
+    for j, name in enumerate("abc"):
+        np.testing.assert_allclose(lines[name].get_ydata(), (deltas[:, j].abs() / change[j].abs()).numpy(), rtol=1e-6)
+    target = lines["tolerance 0.001"]  # n_steps="auto"'s default target, drawn by default
+    assert list(target.get_ydata()) == [1e-3, 1e-3]
+    assert ax.get_yscale() == "log" and "/ |F(x) - F(x')|" in ax.get_ylabel()
+    assert ax.get_title() == "IG in logits: relative completeness error"
+    fig.canvas.draw()
+    legend_box, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend_box.x0 >= axes_box.x1  # beside the curves, not over them
+    _render(fig, tmp_path)
+    _, ax = vis.plot_completeness(n_steps, deltas, output_change=change, tolerance=None, legend=False)
+    assert ax.get_legend() is None and len(ax.lines) == 3
+    with pytest.raises(ValueError, match=r"^output_change: examples \[1\] have F\(x\) = F\(x'\)"):
+        vis.plot_completeness(n_steps, deltas, output_change=[1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match="^output_change: expected one entry per example"):
+        vis.plot_completeness(n_steps, deltas, output_change=[1.0, 2.0])
+
+
 def test_lds_scatter_with_spearman_in_title(tmp_path):
     rng = np.random.default_rng(0)
     predicted = rng.standard_normal(50)
@@ -421,6 +573,11 @@ def test_lds_scatter_with_spearman_in_title(tmp_path):
     rho = _number(ax.get_title(), "Spearman ρ")
     assert rho == pytest.approx(round(spearmanr(predicted, actual).statistic, 3), abs=1e-9)
     assert ax.get_title().startswith("test example 3\n")
+    assert (
+        vis.plot_lds(predicted, actual, method="TRAK", title="test example 3")[1]
+        .get_title()
+        .startswith("TRAK, test example 3\nSpearman")
+    )
     assert len(ax.collections[0].get_offsets()) == 50
     _render(fig, tmp_path)
 
