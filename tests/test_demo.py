@@ -19,6 +19,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+import captum_influence._progress as progress_module
 from captum_influence.__main__ import main
 
 FIGURES = {"influential_trak", "influential_tracin", "self_influence", "lds", "completeness", "attributions"}
@@ -34,11 +35,33 @@ def _run(argv):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"  # not there yet: the demo makes it
-    code, stdout, _ = _run(["demo", "--out", str(out)])
+    code, stdout, stderr = _run(["demo", "--out", str(out), "--quiet"])
     assert code == 0
+    assert stderr == ""  # --quiet: no progress bars, only the final line on stdout
+    assert stdout.strip().splitlines() == [f"report written to {out / 'report.md'}"]
     return out, stdout
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_when_asked(monkeypatch):
+    for stream, show, drawn in ((io.StringIO(), True, False), (_Terminal(), True, True), (_Terminal(), False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(progress_module.progress(range(3), desc="steps", show=show)) == [0, 1, 2]
+        assert ("steps" in stream.getvalue()) == drawn, (type(stream).__name__, show)
+    # an inner bar is cleared when done, the outermost one stays
+    for inner, kept in ((True, False), (False, True)):
+        stream = _Terminal()
+        monkeypatch.setattr(sys, "stderr", stream)
+        list(progress_module.progress(range(3), desc="steps", show=True, inner=inner))
+        last = stream.getvalue().split("\r")[-1]  # what stays on the line once the bar is closed
+        assert ("3/3" in last and last.endswith("\n")) == kept and (last == "") == (not kept)
+
+
+@pytest.mark.slow
 def test_demo_prints_the_report_path_and_links_every_figure(demo):
     out, stdout = demo
     report = out / "report.md"
@@ -54,6 +77,7 @@ def test_demo_prints_the_report_path_and_links_every_figure(demo):
         assert pixels[..., :3].std() > 0.05  # drawn, not blank
 
 
+@pytest.mark.slow
 def test_demo_numbers_match_an_independent_computation(demo):
     out, _ = demo
     numbers = json.loads((out / "metrics.json").read_text())
@@ -75,6 +99,14 @@ def test_demo_numbers_match_an_independent_computation(demo):
         assert numbers[f"completeness_{space}_max_relative_error"] < numbers["completeness_rtol"]
         deltas = np.abs(arrays[f"ig_deltas_{space}"])  # (n_steps values, examples)
         assert deltas[-1].max() < 1e-2 * deltas[0].max()  # the quadrature converges
+    # the attributions shown: the digit whose shares of F(x) - F(x') differ most between the spaces
+    shares = {
+        space: arrays[f"ig_attributions_{space}"] / arrays[f"ig_output_change_{space}"][:, None]
+        for space in ("logits", "probs")
+    }
+    for part in shares.values():
+        np.testing.assert_allclose(part.sum(axis=1), 1.0, atol=1e-3)  # complete: the shares sum to 1
+    assert numbers["attributions_shown_test_example"] == np.abs(shares["probs"] - shares["logits"]).sum(1).argmax()
     text = (out / "report.md").read_text()
     for key in ("lds_trak", "lds_tracin", "auc_tracin_self_influence", "auc_trak_self_influence", "test_accuracy"):
         assert f"{numbers[key]:.3f}" in text
@@ -105,7 +137,9 @@ def test_unknown_or_missing_device_is_refused(tmp_path, device):
 def test_module_entry_point_exits_non_zero_with_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "captum_influence", "demo", "--out", str(tmp_path), "--device", "tpu"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["error: --device: expected cpu or cuda; got 'tpu'"]
@@ -117,6 +151,7 @@ def test_missing_command_is_a_usage_error():
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_demo_on_cuda(tmp_path, demo):
     code, stdout, _ = _run(["demo", "--out", str(tmp_path), "--device", "cuda"])
