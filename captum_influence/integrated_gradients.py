@@ -5,10 +5,11 @@
 with quadrature nodes a_k and weights w_k (Captum's rules). Completeness says sum_i IG_i(x) =
 F(x) - F(x'); the residual ``delta`` is the quadrature error. Every path gradient comes from the
 shared backend's ``input_grads``, one autograd call per chunk of ``internal_batch_size`` points.
-``n_steps="auto"`` doubles the steps of the examples whose |delta| exceeds
-``completeness_rtol * |F(x) - F(x')|`` until all meet it or ``max_steps`` is reached; nested rules
-(the Riemann sums) keep the gradients already taken. ``LayerIntegratedGradients`` integrates along
-the straight path between a layer's values at x' and at x, with the same check.
+``n_steps="auto"`` cuts each path where a ReLU, max-pool, clamp or abs switches and integrates
+every smooth piece by Gauss-Legendre, refining the pieces (from F at their ends, in forward mode)
+until |delta| <= ``completeness_rtol * |F(x) - F(x')|`` for every example (``_path_quadrature``).
+``LayerIntegratedGradients`` integrates along the straight path between a layer's values at x'
+and at x, with the same quadrature and check.
 
 Example::
 
@@ -20,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
@@ -32,13 +33,13 @@ from torch import nn
 
 from ._attr_args import check_finite, format_args, format_baselines, format_inputs, select_targets, take, target_index
 from ._backend import input_grads
+from ._path_quadrature import Path, Quadrature, column, integrate_pieces
 from .completeness import CompletenessWarning, _relative_error, _within
 
 Tensors = tuple[torch.Tensor, ...]
 Steps = Union[int, str]
 
 _DEFAULT_RTOL = 1e-3
-_FIRST_AUTO_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,11 @@ class Convergence:
     """Completeness of the last ``attribute`` call, per example: ``delta = sum(attr) - output_change``,
     with ``output_change = F(x) - F(x')``.
 
-    ``n_steps`` is the number of quadrature steps each example got; ``converged`` is
-    |delta| <= rtol * |F(x) - F(x')| + atol (rtol is ``completeness_rtol``, 1e-3 when not given)."""
+    ``n_steps`` is the number of gradient evaluations (quadrature nodes) each example got; ``converged`` is
+    |delta| <= rtol * |F(x) - F(x')| + atol (rtol is ``completeness_rtol``, 1e-3 when not given). With
+    ``n_steps="auto"``, ``pieces`` counts the smooth pieces each path was cut into, ``forward_evaluations``
+    the forward-mode evaluations that placed the nodes, and ``causes`` maps each example that missed the
+    tolerance to the reason found."""
 
     n_steps: torch.Tensor
     delta: torch.Tensor
@@ -56,21 +60,14 @@ class Convergence:
     converged: torch.Tensor
     rtol: float
     atol: float
+    pieces: Optional[torch.Tensor] = None
+    forward_evaluations: Optional[torch.Tensor] = None
+    causes: dict[int, str] = field(default_factory=dict)
 
     @property
     def not_converged(self) -> list[int]:
         """Indices of the examples that miss the tolerance."""
         return (~self.converged).nonzero().flatten().tolist()
-
-
-@dataclass(frozen=True)
-class _Path:
-    """Straight paths start[b] -> end[b], and ``output(rows, points) -> Tensor[len(rows)]``, the attributed scalar
-    of examples ``rows`` at ``points``."""
-
-    start: Tensors
-    end: Tensors
-    output: Callable[[torch.Tensor, Tensors], torch.Tensor]
 
 
 @lru_cache(maxsize=None)
@@ -81,60 +78,26 @@ def _rule(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(alphas(n_steps), dtype=torch.float64), torch.tensor(step_sizes(n_steps), dtype=torch.float64)
 
 
-@lru_cache(maxsize=None)
-def _refinement(method: str, n_steps: int) -> tuple[int, Optional[tuple[float, torch.Tensor]]]:
-    """The next step count and, when its rule contains the current nodes with weights scaled by one factor
-    c, ``(c, mask of its new nodes)``: then sum_k' w'_k' g(a'_k') = c * (current sum) + the new nodes' part."""
-    alphas, weights = _rule(method, n_steps)
-    for candidate in (c for c in (2 * n_steps - 1, 2 * n_steps) if c > n_steps):
-        new_alphas, new_weights = _rule(method, candidate)
-        gap, match = (new_alphas[None, :] - alphas[:, None]).abs().min(dim=1)
-        ratio = new_weights[match] / weights
-        if gap.max() < 1e-6 and (ratio - ratio[0]).abs().max() < 1e-9:
-            fresh = torch.ones(candidate, dtype=torch.bool)
-            fresh[match] = False
-            return candidate, (float(ratio[0]), fresh)
-    return 2 * n_steps, None
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values`` (one per row) shaped to broadcast over the rows of ``like``."""
-    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def _weighted_grad_sum(
-    path: _Path, rows: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor, chunk_size: Optional[int]
+    path: Path, examples: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor, chunk_size: Optional[int]
 ) -> Tensors:
-    """sum_k w_k dF/dz at z = start + a_k (end - start), for each example in ``rows``; the len(rows) * len(alphas)
-    points go through ``input_grads`` ``chunk_size`` at a time (all at once when None)."""
-    m, total = len(rows), len(rows) * len(alphas)
-    sums = tuple(torch.zeros((m, *e.shape[1:]), dtype=e.dtype, device=e.device) for e in path.end)
-    step = chunk_size or total
-    for lo in range(0, total, step):
-        point = torch.arange(lo, min(lo + step, total))
-        node, slot = point // m, point % m
-        example = rows[slot]
-        points = tuple(
-            s[example] + _column(alphas[node], s) * (e[example] - s[example]) for s, e in zip(path.start, path.end)
-        )
-        grads = input_grads(lambda *z: path.output(example, z), points)
+    """sum_k w_k dF/dz(z_k) per example over the nodes (examples[k], alphas[k], weights[k]),
+    z_k = start + a_k (end - start); ``chunk_size`` points per ``input_grads`` call (all at once when None)."""
+    sums = tuple(torch.zeros(e.shape, dtype=e.dtype, device=e.device) for e in path.end)
+    step = chunk_size or max(1, len(examples))
+    for lo in range(0, len(examples), step):
+        example, alpha, weight = examples[lo : lo + step], alphas[lo : lo + step], weights[lo : lo + step]
+        grads = input_grads(lambda *z: path.output(example, z), path.points(example, alpha))
+        rows, slot = example.unique(return_inverse=True)
+        # A one-hot product sums the nodes of each example (index_add_ with repeated indices is slow on CPU).
+        gather = torch.nn.functional.one_hot(slot, len(rows)).T
         for acc, g in zip(sums, grads):
-            _add_by_node(acc, g * _column(weights[node], g), lo, m)
+            weighted = (g * column(weight, g)).reshape(len(g), -1)
+            acc[rows] += (gather.to(g.dtype) @ weighted).reshape(len(rows), *g.shape[1:])
     return sums
 
 
-def _add_by_node(acc: torch.Tensor, values: torch.Tensor, first: int, m: int) -> None:
-    """acc[p % m] += values[p - first] for the node-major points p = first, first + 1, ...: one slice per node
-    (index_add_ with repeated indices is orders of magnitude slower on CPU)."""
-    done = 0
-    while done < len(values):
-        slot = (first + done) % m
-        count = min(m - slot, len(values) - done)
-        acc[slot : slot + count] += values[done : done + count]
-        done += count
-
-
-def _outputs_at(path: _Path, points: Tensors, chunk_size: Optional[int]) -> torch.Tensor:
+def _outputs_at(path: Path, points: Tensors, chunk_size: Optional[int]) -> torch.Tensor:
     """The attributed output at ``points`` (one row per example), without gradients."""
     rows = torch.arange(points[0].shape[0])
     with torch.no_grad():
@@ -149,53 +112,33 @@ def _delta(diff: Tensors, sums: Tensors, change: torch.Tensor) -> torch.Tensor:
     return total - change.to(torch.float64)
 
 
-def _refine(
-    path: _Path, diff: Tensors, change: torch.Tensor, method: str, chunk_size: Optional[int], rtol: float,
-    atol: float, max_steps: int,
-) -> tuple[Tensors, torch.Tensor]:
-    """Path integrals whose steps double, per example, until |delta| <= rtol |F(x) - F(x')| + atol or the next
-    count would pass ``max_steps``; returns the sums and each example's final step count."""
-    n = len(change)
-    sums = tuple(torch.zeros(e.shape, dtype=e.dtype, device=e.device) for e in path.end)
-    steps = torch.zeros(n, dtype=torch.long)
-    active, current, reuse = torch.arange(n), min(_FIRST_AUTO_STEPS, max_steps), None
-    while len(active) and current <= max_steps:
-        alphas, weights = _rule(method, current)
-        # A nested rule adds only its new nodes to the rescaled sum so far; any other starts afresh.
-        fresh = reuse[1] if reuse is not None else torch.ones(current, dtype=torch.bool)
-        part = _weighted_grad_sum(path, active, alphas[fresh], weights[fresh], chunk_size)
-        for acc, p in zip(sums, part):
-            acc[active] = p if reuse is None else reuse[0] * acc[active] + p
-        steps[active] = current
-        now = change[active]
-        done = _within(_delta(tuple(d[active] for d in diff), tuple(s[active] for s in sums), now), now, rtol, atol)
-        active = active[~done.cpu()]
-        current, reuse = _refinement(method, current)
-    return sums, steps
-
-
 def _integrate(
-    path: _Path, n_steps: Steps, method: str, chunk_size: Optional[int], rtol: float, atol: float, max_steps: int
+    path: Path, n_steps: Steps, method: str, chunk_size: Optional[int], rtol: float, atol: float, max_steps: int
 ) -> tuple[Tensors, Convergence]:
-    """The path integrals sum_k w_k grad F(z_k) per example, with fixed or refined steps, and their completeness."""
+    """The path integrals sum_k w_k grad F(z_k) per example, with fixed or adaptive steps, and their completeness."""
     n = path.end[0].shape[0]
     change = _outputs_at(path, path.end, chunk_size) - _outputs_at(path, path.start, chunk_size)
     if not torch.isfinite(change).all():
         bad = (~torch.isfinite(change)).nonzero().flatten().tolist()
         raise ValueError(f"forward_func: the output is not finite at the inputs or baselines of examples {bad}.")
-    diff = tuple(e - s for s, e in zip(path.start, path.end))
+    quadrature = None
     if n_steps == "auto":
-        sums, steps = _refine(path, diff, change, method, chunk_size, rtol, atol, max_steps)
+        quadrature = integrate_pieces(path, rtol, atol, max_steps, chunk_size)
+        examples, alphas, weights = quadrature.nodes()
+        steps = quadrature.node_counts().cpu()
     else:
-        sums = _weighted_grad_sum(path, torch.arange(n), *_rule(method, n_steps), chunk_size)
+        alphas, weights = _rule(method, n_steps)
+        examples, alphas, weights = torch.arange(n).repeat(n_steps), alphas.repeat_interleave(n), weights.repeat_interleave(n)
         steps = torch.full((n,), n_steps)
+    device = path.end[0].device
+    sums = _weighted_grad_sum(path, examples.to(device), alphas.to(device), weights.to(device), chunk_size)
     finite = torch.stack([torch.isfinite(s.reshape(n, -1)).all(dim=1) for s in sums]).all(dim=0).cpu()
     if not finite.all():
         bad = (~finite).nonzero().flatten().tolist()
         raise ValueError(f"forward_func: its gradient along the path is not finite for examples {bad}.")
-    delta = _delta(diff, sums, change)
+    delta = _delta(tuple(e - s for s, e in zip(path.start, path.end)), sums, change)
     change = change.to(delta.dtype)
-    return sums, Convergence(
+    convergence = Convergence(
         n_steps=steps,
         delta=delta,
         output_change=change,
@@ -204,6 +147,49 @@ def _integrate(
         rtol=rtol,
         atol=atol,
     )
+    if quadrature is not None:
+        pieces = torch.bincount(quadrature.pieces.example.cpu(), minlength=n)
+        convergence = replace(convergence, pieces=pieces, forward_evaluations=quadrature.forward_evaluations.cpu())
+    if convergence.not_converged:
+        convergence = replace(convergence, causes=_causes(path, convergence, quadrature, n_steps, max_steps))
+    return sums, convergence
+
+
+def _causes(
+    path: Path, convergence: Convergence, quadrature: Optional[Quadrature], n_steps: Steps, max_steps: int
+) -> dict[int, str]:
+    """Why each example missed the tolerance, the most fundamental cause first: outputs that change
+    between identical calls, NaN or inf on the path, no forward-mode derivatives, an unresolved switch."""
+    missed = torch.tensor(convergence.not_converged)
+    again = tuple(e[missed] for e in path.end)
+    with torch.no_grad():
+        first, second = path.output(missed, again), path.output(missed, again)
+    causes = {}
+    for row, b in enumerate(missed.tolist()):
+        if not torch.equal(first[row], second[row]):
+            causes[b] = (
+                "the outputs of two identical calls differ (a module in training mode, such as Dropout or "
+                "BatchNorm, or another random module); call model.eval() first"
+            )
+        elif quadrature is None:
+            causes[b] = f"n_steps={n_steps} is too few for this path; use n_steps='auto' or more steps"
+        else:
+            a, z = quadrature.worst_piece(b)
+            mine = quadrature.pieces.example == b
+            if not torch.isfinite(quadrature.pieces.error[mine]).all():
+                causes[b] = f"the output or its slope is NaN or inf on the path between alpha={a:.6g} and {z:.6g}"
+            elif quadrature.forward_mode_error is not None:
+                causes[b] = (
+                    "switches of the model could not be located, because an operation lacks forward-mode "
+                    f"derivatives ({quadrature.forward_mode_error}), and max_steps={max_steps} was not enough"
+                )
+            else:
+                causes[b] = (
+                    f"a kink it could not resolve between alpha={a:.6g} and {z:.6g} within max_steps={max_steps} "
+                    "(an operation that is not piecewise smooth or not recognised, such as torch.max over a dim, "
+                    "sort, where or a step function); raise max_steps"
+                )
+    return causes
 
 
 def _check_settings(
@@ -211,6 +197,11 @@ def _check_settings(
 ) -> None:
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"method: expected one of {SUPPORTED_METHODS}; got {method!r}.")
+    if n_steps == "auto" and method != "gausslegendre":
+        raise ValueError(
+            f"method: n_steps='auto' integrates each smooth piece of the path by Gauss-Legendre; got method "
+            f"{method!r} (leave method at 'gausslegendre', or give an int n_steps)."
+        )
     fewest = 2 if method.startswith("riemann") else 1
     if not _is_int(max_steps) or max_steps < fewest:
         raise ValueError(f"max_steps: expected an int >= {fewest} for method {method!r}; got {max_steps!r}.")
@@ -229,16 +220,21 @@ def _is_int(value: Any) -> bool:
 
 
 def _report(convergence: Convergence, what: str) -> None:
+    """One warning naming, per cause, the examples that missed the tolerance."""
     missed = convergence.not_converged
-    if missed:
-        worst = float(convergence.relative_error[missed].max())
-        warnings.warn(
-            f"{what}: attributions miss completeness for examples {missed} (relative error up to {worst:.3g} > "
-            f"rtol {convergence.rtol:g} with up to {int(convergence.n_steps.max())} steps); raise max_steps, use "
-            "n_steps='auto', or look for the cause with ci.check_completeness.",
-            CompletenessWarning,
-            stacklevel=5,
-        )
+    if not missed:
+        return
+    by_cause: dict[str, list[int]] = {}
+    for b in missed:
+        by_cause.setdefault(convergence.causes.get(b, "unknown"), []).append(b)
+    causes = "; ".join(f"examples {examples}: {cause}" for cause, examples in by_cause.items())
+    worst = float(convergence.relative_error[missed].max())
+    warnings.warn(
+        f"{what}: attributions miss completeness for examples {missed} (relative error up to {worst:.3g} > rtol "
+        f"{convergence.rtol:g} with up to {int(convergence.n_steps.max())} steps). Cause: {causes}.",
+        CompletenessWarning,
+        stacklevel=5,
+    )
 
 
 def _check_finite(tensors: Tensors, arg: str) -> None:
@@ -274,7 +270,7 @@ class _PathIntegral:
     convergence: Optional[Convergence]
 
     def _attribute_path(
-        self, path: _Path, n_steps: Steps, method: str, internal_batch_size: Optional[int],
+        self, path: Path, n_steps: Steps, method: str, internal_batch_size: Optional[int],
         completeness_rtol: Optional[float], completeness_atol: float, max_steps: int,
         return_convergence_delta: bool, as_tuple: bool,
     ) -> Any:
@@ -328,7 +324,7 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
         completeness_rtol: Optional[float] = None,
         *,
         completeness_atol: float = 1e-6,
-        max_steps: int = 1024,
+        max_steps: int = 4096,
     ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
         """IG of the output chosen by ``target`` (Captum's forms) with respect to ``inputs``.
 
@@ -349,7 +345,7 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
             picked = None if index is None else index[rows]
             return select_targets(self.forward_func(*points, *take(args, rows)), picked)
 
-        path = _Path(start=format_baselines(baselines, x), end=x, output=output)
+        path = Path(start=format_baselines(baselines, x), end=x, output=output)
         _check_finite(x, "inputs")
         _check_finite(path.start, "baselines")
         _check_dtype(self.forward_func, x, "inputs")
@@ -449,7 +445,7 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
         completeness_rtol: Optional[float] = None,
         *,
         completeness_atol: float = 1e-6,
-        max_steps: int = 1024,
+        max_steps: int = 4096,
     ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
         """Layer IG of the output chosen by ``target``; shaped like the layer's value (a tensor when it is one).
 
@@ -471,7 +467,7 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
                 out = self.forward_func(*(t[rows] for t in x), *take(args, rows))
             return select_targets(out, picked)
 
-        path = _Path(start=start, end=end, output=output)
+        path = Path(start=start, end=end, output=output)
         return self._attribute_path(
             path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
             return_convergence_delta, len(end) > 1,
