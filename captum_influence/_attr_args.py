@@ -9,15 +9,13 @@ the attributed output is ``output[b, *index[b]]``.
 
 from __future__ import annotations
 
-from numbers import Number
+from numbers import Real
 from typing import Any, Optional
 
 import torch
 
 
-def format_inputs(
-    inputs: Any, *, floating: bool = True, arg: str = "inputs"
-) -> tuple[tuple[torch.Tensor, ...], bool]:
+def format_inputs(inputs: Any, *, floating: bool = True, arg: str = "inputs") -> tuple[tuple[torch.Tensor, ...], bool]:
     """``(inputs as a tuple, whether they came as a tuple)``; every tensor shares the batch size B >= 1."""
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
@@ -44,11 +42,13 @@ def format_baselines(
         raise ValueError(f"{arg}: expected {len(inputs)} baseline(s), one per input tensor; got {len(given)}.")
     out = []
     for i, (b, x) in enumerate(zip(given, inputs)):
-        if isinstance(b, Number) and not isinstance(b, bool):
-            out.append(torch.full_like(x, float(b)) if x.is_floating_point() else torch.full_like(x, int(b)))
+        if isinstance(b, Real) and not isinstance(b, bool):
+            # The stubs' numbers.Real promises no __int__; every real number has one (numpy's too).
+            fill = float(b) if x.is_floating_point() else int(b)  # type: ignore[call-overload]
+            out.append(torch.full_like(x, fill))
             continue
         if not isinstance(b, torch.Tensor):
-            raise TypeError(f"{arg}[{i}]: expected a number or a Tensor; got {type(b).__name__}.")
+            raise TypeError(f"{arg}[{i}]: expected a real number or a Tensor; got {type(b).__name__}.")
         if tuple(b.shape) not in (tuple(x.shape), (1, *x.shape[1:])):
             raise ValueError(
                 f"{arg}[{i}]: expected shape {tuple(x.shape)} or {(1, *x.shape[1:])} to match inputs[{i}]; "
@@ -151,7 +151,7 @@ def select_targets(output: Any, index: Optional[torch.Tensor], *, arg: str = "ta
             f"{tuple(output.shape[1:])} per example."
         )
     index = torch.remainder(index, bound)
-    picked = output[(torch.arange(n, device=output.device), *index.unbind(1))]
+    picked = output[(torch.arange(n, device=output.device),) + index.unbind(1)]
     if picked[0].numel() != 1:
         raise ValueError(
             f"{arg}: selects shape {tuple(picked.shape[1:])} per example from outputs of shape "

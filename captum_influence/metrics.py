@@ -39,8 +39,17 @@ def _is_constant(x: np.ndarray) -> bool:
 def spearman(x: Any, y: Any) -> float:
     """Spearman's rank correlation: the Pearson correlation of the (average) ranks of ``x`` and ``y``.
 
-    >>> spearman([1, 2, 3], [10, 30, 20])
-    0.5
+    Args:
+        x (array-like): n >= 2 values (a list, numpy array or tensor), not all equal.
+        y (array-like): n values, paired with ``x``, not all equal.
+
+    Returns:
+        float: the rank correlation, in [-1, 1].
+
+    Example::
+
+        >>> spearman([1, 2, 3], [10, 30, 20])
+        0.5
     """
     a, b = as_array(x, "x", ndim=1), as_array(y, "y", ndim=1)
     check_length(b, "y", a.size, "entry of x")
@@ -62,6 +71,25 @@ def lds(scores: Any, subset_masks: Any, subset_outputs: Any, *, on_constant: str
 
     A test example whose predicted or actual outputs are the same for every subset has no rank
     correlation: ``on_constant="raise"`` (default) names such examples, ``"skip"`` averages over the rest.
+
+    Args:
+        scores (array-like): attribution scores of shape (n_test, n_train), as returned by
+            ``influence(test)``.
+        subset_masks (array-like): booleans of shape (m, n_train), m >= 3: row j marks the
+            training examples in subset S_j.
+        subset_outputs (array-like): shape (m, n_test): the output (e.g. TRAK's margin) of the
+            model retrained on S_j, on each test example.
+        on_constant (str, optional): ``"raise"`` or ``"skip"``, for test examples whose predicted
+            or actual outputs do not vary over the subsets. Default: ``"raise"``.
+
+    Returns:
+        float: the mean over test examples of the Spearman correlation, in [-1, 1].
+
+    Example::
+
+        >>> masks = rng.random((100, n_train)) < 0.5        # 100 random halves
+        >>> outputs = retrain_and_evaluate(masks)           # (100, n_test)
+        >>> ci.metrics.lds(trak.influence(test), masks, outputs)
     """
     if on_constant not in ("raise", "skip"):
         raise ValueError(f"on_constant: expected 'raise' or 'skip'; got {on_constant!r}.")
@@ -101,6 +129,19 @@ def mislabel_detection_auc(self_influence: Any, is_mislabeled: Any) -> float:
 
     AUC = P(score of a mislabelled example > score of a clean one), ties counting 1/2:
     (sum of the mislabelled examples' average ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
+
+    Args:
+        self_influence (array-like): one score per training example, shape (n,), as returned by
+            ``self_influence()`` (for regression, pass its absolute value).
+        is_mislabeled (array-like): booleans of shape (n,), True for the mislabelled examples;
+            both classes must occur.
+
+    Returns:
+        float: the ROC AUC, in [0, 1] (0.5: no better than chance).
+
+    Example::
+
+        >>> ci.metrics.mislabel_detection_auc(tracin.self_influence(), flipped)
     """
     si = as_array(self_influence, "self_influence", ndim=1)
     mis = as_mask(is_mislabeled, "is_mislabeled", ndim=1)

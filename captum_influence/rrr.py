@@ -77,6 +77,15 @@ class RRRLoss(nn.Module):
     BatchNorm in training mode couples the examples of a batch, so the batched input gradient is
     then not the per-example one; a warning says so once.
 
+    Args:
+        l2_grads (float): weight of the penalty, finite and >= 0 (0 gives plain cross-entropy).
+        target (str, optional): the explained output t, ``"log_probs"``, ``"true_log_prob"`` or
+            ``"logits"``. Default: ``"log_probs"``.
+        reduction (str, optional): ``"mean"`` or ``"sum"`` over the batch, for both terms.
+            Default: ``"mean"``.
+        check_finite (bool, optional): refuse a NaN or inf loss, naming the examples (one device
+            sync per call). Default: True.
+
     Example::
 
         >>> loss_fn = ci.RRRLoss(l2_grads=10.0)
@@ -87,17 +96,13 @@ class RRRLoss(nn.Module):
 
     def __init__(
         self, l2_grads: float, target: str = "log_probs", *, reduction: str = "mean", check_finite: bool = True
-    ):
+    ) -> None:
         super().__init__()
-        if isinstance(l2_grads, bool) or not isinstance(l2_grads, numbers.Real):
-            raise TypeError(f"l2_grads: expected a non-negative real number; got {type(l2_grads).__name__}.")
-        if not math.isfinite(l2_grads) or l2_grads < 0:
-            raise ValueError(f"l2_grads: expected a finite non-negative number; got {l2_grads!r}.")
+        self.l2_grads = _finite_nonnegative(l2_grads, "l2_grads")
         if target not in _TARGETS:
             raise ValueError(f"target: expected one of {sorted(_TARGETS)}; got {target!r}.")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum'; got {reduction!r}.")
-        self.l2_grads = float(l2_grads)
         self.target = target
         self.reduction = reduction
         if not isinstance(check_finite, bool):
@@ -117,6 +122,21 @@ class RRRLoss(nn.Module):
         labels: torch.Tensor,
         mask: MaskSpec,
     ) -> torch.Tensor:
+        r"""The loss CE(f(x), y) + l2_grads * sum (mask * d t / d x)^2 on one batch.
+
+        Args:
+            model (nn.Module or callable): ``model(*inputs)`` returns logits of shape (B, K).
+            inputs (Tensor or tuple[Tensor, ...]): the batch, each tensor with first dimension B;
+                a penalised input must be floating point.
+            labels (Tensor): class indices of shape (B,) or class probabilities of shape (B, K).
+            mask (Tensor or tuple[Tensor or None, ...]): one per input, broadcastable to it, True
+                (or a finite weight) on the features whose input gradient is penalised; None
+                leaves that input out of the penalty.
+
+        Returns:
+            Tensor: the scalar loss, differentiable in the model's parameters through both terms
+            (``loss.backward()``); ``last_terms`` then holds the two terms, detached.
+        """
         if not callable(model):
             raise TypeError(f"model: expected an nn.Module or callable returning logits; got {type(model).__name__}.")
         inputs = _as_tuple(inputs, "inputs")
@@ -125,29 +145,30 @@ class RRRLoss(nn.Module):
         check_finite(inputs, "inputs", "expected finite inputs (the loss and its gradient would be NaN)")
         self._warn_batchnorm(model)
 
-        penalised = [i for i, m in enumerate(masks) if m is not None]
+        penalised = [(i, m) for i, m in enumerate(masks) if m is not None]  # (input index, its mask)
         outputs: list[torch.Tensor] = []
 
         def explained(*xs: torch.Tensor) -> torch.Tensor:
             full = list(inputs)
-            for i, x in zip(penalised, xs):
+            for (i, _), x in zip(penalised, xs):
                 full[i] = x
             logits = model(*full)
             _check_logits(logits, n, labels)
             outputs.append(logits)  # one forward serves both terms
             return _TARGETS[self.target](logits, labels)
 
-        grads = input_grads(explained, [inputs[i] for i in penalised], create_graph=True)
+        grads = input_grads(explained, [inputs[i] for i, _ in penalised], create_graph=True)
         (logits,) = outputs
         self._warn_probabilities(logits)
         cross_entropy = F.cross_entropy(logits, labels, reduction=self.reduction)
-        penalty = sum(((masks[i] * g) ** 2).sum() for i, g in zip(penalised, grads))
+        masked = [m * g for (_, m), g in zip(penalised, grads)]
+        penalty = torch.stack([(mg**2).sum() for mg in masked]).sum()
         if self.reduction == "mean":
             penalty = penalty / n
         self.last_terms = RRRTerms(cross_entropy.detach(), penalty.detach())
         loss = cross_entropy + self.l2_grads * penalty
         if self.check_finite and not bool(torch.isfinite(loss)):
-            _refuse_nonfinite_loss(logits, labels, [masks[i] * g for i, g in zip(penalised, grads)])
+            _refuse_nonfinite_loss(logits, labels, masked)
         return loss
 
     def _warn_batchnorm(self, model: Callable) -> None:
@@ -177,6 +198,16 @@ class RRRLoss(nn.Module):
                 "(ci.select_output(model, 'logits') removes a final softmax).",
                 stacklevel=3,
             )
+
+
+def _finite_nonnegative(value: object, arg: str) -> float:
+    """``value`` as a float, or an error naming ``arg`` unless it is a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg}: expected a non-negative real number; got {type(value).__name__}.")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{arg}: expected a finite non-negative number; got {value!r}.")
+    return number
 
 
 def _refuse_nonfinite_loss(logits: torch.Tensor, labels: torch.Tensor, masked_grads: list) -> None:
@@ -251,7 +282,9 @@ def _first_bad(t: torch.Tensor) -> str:
 def _check_labels(labels: torch.Tensor, inputs: tuple) -> int:
     n = batch_size_of(inputs)
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected a tensor of class indices (B,) or probabilities (B, K); got {type(labels).__name__}.")
+        raise TypeError(
+            f"labels: expected a tensor of class indices (B,) or probabilities (B, K); got {type(labels).__name__}."
+        )
     ok = (labels.dim() == 1 and not labels.is_floating_point()) or (labels.dim() == 2 and labels.is_floating_point())
     if not ok or labels.shape[0] != n:
         raise ValueError(
@@ -267,7 +300,8 @@ def _check_logits(logits: torch.Tensor, n: int, labels: torch.Tensor) -> None:
         raise ValueError(f"model: expected logits of shape ({n}, K) with K >= 2 classes; it returned {got}.")
     if labels.dim() == 2 and labels.shape != logits.shape:
         raise ValueError(
-            f"labels: class probabilities of shape {tuple(labels.shape)} do not match the logits' shape {tuple(logits.shape)}."
+            f"labels: class probabilities of shape {tuple(labels.shape)} do not match the logits' shape "
+            f"{tuple(logits.shape)}."
         )
     if labels.dim() == 1:
         bad = ((labels < 0) | (labels >= logits.shape[1])).nonzero().flatten()

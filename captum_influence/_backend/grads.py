@@ -42,9 +42,7 @@ def batch_size_of(inputs: tuple, *, arg: str = "inputs") -> int:
     sizes = {tuple(x.shape[:1]) for x in leaves}
     if any(x.dim() == 0 for x in leaves) or len(sizes) != 1:
         shapes = [tuple(x.shape) for x in leaves]
-        raise ValueError(
-            f"{arg}: every tensor must share the batch (first) dimension; got shapes {shapes}."
-        )
+        raise ValueError(f"{arg}: every tensor must share the batch (first) dimension; got shapes {shapes}.")
     if leaves[0].shape[0] == 0:
         raise ValueError(
             f"{arg}: the batch is empty (shapes {[tuple(x.shape) for x in leaves]}); expected at least one example."
@@ -64,6 +62,7 @@ def _check_chunk_size(chunk_size: Optional[int]) -> None:
 
 
 def slice_batch(inputs: tuple, start: int, stop: int) -> tuple:
+    """Examples ``start:stop`` of a batch: every tensor, also inside dicts, sliced on dim 0."""
     return tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, inputs)
 
 
@@ -189,9 +188,12 @@ def single_example_grads(
             with torch.enable_grad():
                 out = _scalar(fn(model, *example))
                 grads = torch.autograd.grad(out, wrt, allow_unused=True) if out.requires_grad else [None] * len(wrt)
-            results.append((out.detach(), {
-                name: g if g is not None else torch.zeros_like(p) for name, p, g in zip(names, wrt, grads)
-            }))
+            results.append(
+                (
+                    out.detach(),
+                    {name: g if g is not None else torch.zeros_like(p) for name, p, g in zip(names, wrt, grads)},
+                )
+            )
     finally:
         for p in frozen:
             p.requires_grad_(False)

@@ -80,7 +80,9 @@ def check_deterministic(model: nn.Module, fn: Callable[..., Any], inputs: tuple)
     # Forward hooks fire when a call ends, so the first differing output is the innermost culprit.
     for (module, a), (_, b) in zip(*runs):
         if not _same(a, b):
-            raise _random_module_error(names.get(id(module), "?") or "<model>", module, "gives different outputs for two identical calls")
+            raise _random_module_error(
+                names.get(id(module), "?") or "<model>", module, "gives different outputs for two identical calls"
+            )
     raise ValueError(
         "fn: gives different outputs for two identical calls (randomness outside the model's modules); "
         "per-example gradients need a deterministic fn and model.eval()."

@@ -33,16 +33,12 @@ def select_param_names(model: nn.Module, params: ParamSpec = None, *, arg: str =
     for item in items:
         if isinstance(item, nn.Module):
             if id(item) not in module_names:
-                raise ValueError(
-                    f"{arg}: the module {type(item).__name__} given is not part of the model."
-                )
+                raise ValueError(f"{arg}: the module {type(item).__name__} given is not part of the model.")
             prefix = module_names[id(item)]
         elif isinstance(item, str):
             prefix = item
         else:
-            raise TypeError(
-                f"{arg}: expected parameter names, module paths or nn.Modules; got {type(item).__name__}."
-            )
+            raise TypeError(f"{arg}: expected parameter names, module paths or nn.Modules; got {type(item).__name__}.")
         hits = [n for n in all_names if n == prefix or prefix == "" or n.startswith(prefix + ".")]
         if prefix in modules:  # a module's own parameters, also those listed under a tied name
             hits += [name_of[id(p)] for p in modules[prefix].parameters()]

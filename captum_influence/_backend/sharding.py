@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import math
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import numpy as np
 import torch
@@ -49,8 +49,9 @@ def collective_timeout(seconds: Optional[float]) -> Iterator[None]:
     """Within the block, a rank waits at most ``seconds`` for the others at each collective
     (None: the process group's own timeout)."""
     global _timeout
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                or not math.isfinite(seconds) or seconds <= 0):
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+    ):
         raise ValueError(f"timeout: expected a positive number of seconds or None; got {seconds!r}.")
     previous, _timeout = _timeout, seconds
     try:
@@ -66,7 +67,7 @@ def _wait_for_ranks(what: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     prefix = f"captum_influence/check_in/{next(_check_ins)}/"
     store.set(f"{prefix}{rank}", "1")
-    seconds = _timeout if _timeout is not None else store.timeout.total_seconds()
+    seconds = _timeout if _timeout is not None else store.timeout.total_seconds()  # type: ignore[attr-defined]
     others = [r for r in range(world) if r != rank]
     try:
         store.wait([f"{prefix}{r}" for r in others], timedelta(seconds=seconds))
@@ -112,8 +113,12 @@ def iter_loader_shard(loader: DataLoader, batches: range) -> Iterator[tuple[int,
         first = batches.start * size
         last = min(batches.stop * size, len(loader.dataset))  # type: ignore[arg-type]
         part = DataLoader(
-            Subset(loader.dataset, range(first, last)), batch_size=size, shuffle=False,
-            collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+            Subset(loader.dataset, range(first, last)),
+            batch_size=size,
+            shuffle=False,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
         )
         start = first
         for batch in part:
@@ -188,20 +193,30 @@ def fill_rows_sharded(
     n_batches = len(loader)
     rank, world = rank_and_world()
     mine = shard_range(n_batches, rank, world)
-    items = iter_loader_shard(loader, mine)
-    items = batches(items) if batches is not None else items
+    items: Iterable[Any] = iter_loader_shard(loader, mine)
+    if batches is not None:
+        items = batches(items)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     if store is not None:
         shared_array(store, name, (n_rows, dim), np_dtype)
         shared_array(store, f"{name}.done", (n_batches,), np.uint8)
     out = fill_rows(
-        items, compute, n_rows=n_rows, dim=dim, n_batches=n_batches, store=store, name=name,
-        dtype=dtype, show_progress=show_progress, desc=desc, indices=mine,
+        items,
+        compute,
+        n_rows=n_rows,
+        dim=dim,
+        n_batches=n_batches,
+        store=store,
+        name=name,
+        dtype=dtype,
+        show_progress=show_progress,
+        desc=desc,
+        indices=mine,
     )
     if world == 1:
         return out
     if store is None:
-        return _all_reduce_sum(out)
+        return _all_reduce_sum(cast(torch.Tensor, out))  # without a store, fill_rows returns a tensor
     barrier()
     out = store.array(name, (n_rows, dim), np_dtype)  # reopened: every rank's rows, flushed
     if rank == 0 and store.flags(name, n_batches).all():
@@ -276,11 +291,17 @@ def topk_sharded(
     check_k(k, n)
     rank, world = rank_and_world()
     rows = _my_blocks(n, block_size) if world > 1 else range(n)
-    values = torch.full((queries.shape[0], k), float("-inf") if largest else float("inf"), dtype=dtype, device=queries.device)
+    values = torch.full(
+        (queries.shape[0], k), float("-inf") if largest else float("inf"), dtype=dtype, device=queries.device
+    )
     indices = torch.full((queries.shape[0], k), n, dtype=torch.int64, device=queries.device)
     if len(rows):
         v, i = topk(
-            queries, keys[rows.start : rows.stop], min(k, len(rows)), largest=largest, query_block_size=query_block_size,
+            queries,
+            keys[rows.start : rows.stop],
+            min(k, len(rows)),
+            largest=largest,
+            query_block_size=query_block_size,
             score_blocks=lambda q, part: _part_blocks(q, part, rows.start, block_size, dtype, transform, score_blocks),
         )
         values[:, : v.shape[1]] = v

@@ -35,7 +35,9 @@ def _check_accumulation_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype: accumulate in torch.float32 or torch.float64; got {dtype}.")
 
 
-def gram(features: Features, *, dtype: torch.dtype = torch.float64, block_size: int = 4096, device=None) -> torch.Tensor:
+def gram(
+    features: Features, *, dtype: torch.dtype = torch.float64, block_size: int = 4096, device=None
+) -> torch.Tensor:
     """Phi^T Phi for ``features`` (n, d), accumulated over row blocks in ``dtype``: (d, d)."""
     _check_accumulation_dtype(dtype)
     n, d = features.shape
@@ -73,7 +75,9 @@ def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(rhs.to(factor.dtype), factor)
 
 
-def damped_solve(gram_matrix: torch.Tensor, rhs: torch.Tensor, damping: float, factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+def damped_solve(
+    gram_matrix: torch.Tensor, rhs: torch.Tensor, damping: float, factor: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """(G + damping I)^{-1} rhs by Cholesky."""
     factor = factor if factor is not None else damped_cholesky(gram_matrix, damping)
     return cholesky_solve(factor, rhs)

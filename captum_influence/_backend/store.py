@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: metadata updates are not locked
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 # Raised when the layout or meaning of the files changes; a store of another format is refused.
 STORE_FORMAT = 2
@@ -60,7 +60,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     # A temporary name of its own, so that processes writing the same file (ranks of one job
     # saving the same metadata) never move each other's half-written file into place.
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}.tmp")
@@ -218,9 +218,7 @@ class FeatureStore:
         except OSError as err:
             raise ValueError(f"store_dir: cannot create {str(self.path)!r}: {err}.") from err
         if not os.access(self.path, os.R_OK | os.W_OK | os.X_OK):
-            raise ValueError(
-                f"store_dir: {str(self.path)!r} is not writable; pass a directory this process can write."
-            )
+            raise ValueError(f"store_dir: {str(self.path)!r} is not writable; pass a directory this process can write.")
         self.metadata = _normalise(metadata)
         with self._locked():
             _remove_dead_temporaries(self.path)
@@ -229,7 +227,8 @@ class FeatureStore:
                 held = sorted(p.name for p in self.path.iterdir() if not _is_transient(p.name))
                 if held:
                     raise ValueError(
-                        f"store_dir: {str(self.path)!r} holds files ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "
+                        f"store_dir: {str(self.path)!r} holds files "
+                        f"({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "
                         f"but no {_METADATA}: it is not a feature store (or its metadata was deleted), so what it "
                         "holds cannot be trusted. Use an empty directory or delete these files."
                     )
@@ -238,7 +237,9 @@ class FeatureStore:
         settings = stored["settings"]
         differing = sorted(k for k in set(settings) | set(self.metadata) if settings.get(k) != self.metadata.get(k))
         if differing:
-            details = "; ".join(f"{k}: stored {settings.get(k)!r:.300}, now {self.metadata.get(k)!r:.300}" for k in differing)
+            details = "; ".join(
+                f"{k}: stored {settings.get(k)!r:.300}, now {self.metadata.get(k)!r:.300}" for k in differing
+            )
             raise ValueError(
                 f"store_dir: {str(self.path)!r} was written with other settings ({details}). "
                 "Use another store_dir or delete this one."
@@ -272,7 +273,11 @@ class FeatureStore:
             stored = json.loads(text.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(_damaged(file, f"not valid JSON: {err}")) from err
-        if not isinstance(stored, dict) or not isinstance(stored.get("settings"), dict) or not isinstance(stored.get("files"), dict):
+        if (
+            not isinstance(stored, dict)
+            or not isinstance(stored.get("settings"), dict)
+            or not isinstance(stored.get("files"), dict)
+        ):
             if isinstance(stored, dict) and "format" not in stored:
                 raise ValueError(
                     f"store_dir: {str(self.path)!r} was written by an older version (no store format); "
@@ -291,7 +296,9 @@ class FeatureStore:
     def _write_metadata(self, stored: dict) -> None:
         stored = {**stored, "sha256": _metadata_digest(stored)}
         try:
-            _atomic_write(self.path / _METADATA, lambda p: Path(p).write_text(json.dumps(stored, indent=1, sort_keys=True)))
+            _atomic_write(
+                self.path / _METADATA, lambda p: Path(p).write_text(json.dumps(stored, indent=1, sort_keys=True))
+            )
         except PermissionError as err:
             raise ValueError(f"store_dir: cannot write in {str(self.path)!r}: {err}.") from err
 
@@ -392,6 +399,7 @@ class FeatureStore:
     # --- tensors ------------------------------------------------------------------------------
 
     def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (moved to the CPU) as ``name.pt``, atomically, and record its checksum."""
         file = self.path / f"{name}.pt"
         try:
             _atomic_write(file, lambda p: torch.save(tensor.cpu(), p))
@@ -440,7 +448,7 @@ def _rows_checksum(block: np.ndarray) -> int:
 
 
 def _recheck_batches(
-    out: np.ndarray, done: np.ndarray, sums: np.ndarray, indices: range, store: "FeatureStore", name: str
+    out: np.ndarray, done: np.memmap, sums: np.ndarray, indices: range, store: FeatureStore, name: str
 ) -> None:
     """Before resuming an unfinished array: a finished batch whose rows no longer match their
     checksum (flipped bytes, rows zeroed) is marked unfinished, so that only it is computed again."""
@@ -485,34 +493,35 @@ def fill_rows(
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     indices = range(n_batches) if indices is None else indices
     if store is None:
-        out: Union[torch.Tensor, np.memmap] = torch.zeros(n_rows, dim, dtype=dtype)
-        done = None
+        tensor = torch.zeros(n_rows, dim, dtype=dtype)
     else:
-        out = store.array(name, (n_rows, dim), np_dtype)
+        mapped = store.array(name, (n_rows, dim), np_dtype)
         done = store.flags(name, n_batches)
         sums = store.array(f"{name}.sums", (n_batches, 3), np.uint64)
-        _recheck_batches(out, done, sums, indices, store, name)
+        _recheck_batches(mapped, done, sums, indices, store, name)
     bar = tqdm(total=len(indices), desc=desc, disable=not show_progress, leave=False)
     for index, (start, batch) in zip(indices, batches):
-        if done is not None and done[index]:
+        if store is not None and done[index]:
             bar.update()
             continue
         rows = compute(batch).detach().to("cpu", dtype)
         if store is None:
-            out[start : start + rows.shape[0]] = rows
+            tensor[start : start + rows.shape[0]] = rows
         else:
-            out[start : start + rows.shape[0]] = rows.numpy()
-            out.flush()
+            mapped[start : start + rows.shape[0]] = rows.numpy()
+            mapped.flush()
             # The batch's rows and their checksum are on disk before its flag: a kill in between
             # leaves the batch unfinished, and rows damaged later are found on resume.
-            sums[index] = (start, start + rows.shape[0], _rows_checksum(out[start : start + rows.shape[0]]))
+            sums[index] = (start, start + rows.shape[0], _rows_checksum(mapped[start : start + rows.shape[0]]))
             sums.flush()
-            release_pages(out[start : start + rows.shape[0]])
+            release_pages(mapped[start : start + rows.shape[0]])
             done[index] = 1
             done.flush()
         bar.update()
     bar.refresh()  # the bar is cleared on close: show its final state once
     bar.close()
-    if done is not None and len(indices) == n_batches and done.all():
+    if store is None:
+        return tensor
+    if len(indices) == n_batches and done.all():
         store.finish(name)
-    return out
+    return mapped
