@@ -47,6 +47,13 @@ _VIEWS = frozenset({
     "clone", "detach", "__getitem__", "select", "narrow", "permute", "transpose", "t", "to",
     "float", "double",
 })
+# Elementwise changes of a softmax result with constants (``softmax(z) + 1e-9``, ``clamp``, ``log``): the
+# softmax's input is still the model's logits, whatever follows it.
+_ELEMENTWISE = frozenset({
+    "add", "__add__", "__radd__", "sub", "__rsub__", "mul", "__mul__", "__rmul__", "div", "__truediv__",
+    "true_divide", "clamp", "clamp_min", "clamp_max", "clip", "log", "log1p", "log2", "log10", "sqrt", "pow",
+    "__pow__", "nan_to_num",
+})
 # Views after which a max-subtracted tensor keeps its shape, so its pre-max values still align.
 _SAME_SHAPE = frozenset({"clone", "detach", "contiguous", "to", "float", "double"})
 _ALIASES = {"special_softmax": "softmax", "special_log_softmax": "log_softmax", "special_expit": "sigmoid",
@@ -181,8 +188,27 @@ class _Tracer(TorchFunctionMode):
             entry = self.maxes.get(id(args[1]))
             if entry is not None and entry[0] is args[1] and entry[1] is first:
                 self.shifted[id(result)] = (result, first, entry[2])
+        if name in _ELEMENTWISE and isinstance(result, torch.Tensor):
+            self._follow_elementwise(args, kwargs, result)
         if name in _NONLINEAR:
             self._record(name, index, first, args, kwargs, result)
+
+    def _follow_elementwise(self, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
+        """A softmax result changed elementwise by constants (numbers or one-element tensors that are not
+        parameters) and keeping its shape still comes from that softmax's logits."""
+        operands = (*args, *kwargs.values())
+        sources = [a for a in operands if isinstance(a, torch.Tensor) and self._derived(a) is not None]
+        others = [a for a in operands if not any(a is t for t in sources)]
+        constant = all(
+            not isinstance(a, torch.Tensor) or (a.numel() == 1 and id(a) not in self.param_ids) for a in others
+        )
+        if len(sources) == 1 and constant and result.shape == sources[0].shape:
+            entry = self._derived(sources[0])
+            self.derived[id(result)] = (result, entry[1], entry[2])
+
+    def _derived(self, tensor: torch.Tensor) -> Optional[tuple]:
+        entry = self.derived.get(id(tensor))
+        return entry if entry is not None and entry[0] is tensor else None
 
     def _follow_view(self, func, name, source, args, kwargs, result) -> None:
         entry = self.derived.get(id(source))
@@ -296,8 +322,8 @@ def _find_logits(traced: _Traced) -> _Logits:
     if lost:
         raise ValueError(
             f"model: no detectable logits: {traced.describe(lost[-1])} runs after the last "
-            "parameterised layer, but forward does not return its result (later operations change "
-            "it), so the values before it cannot be recovered. Make forward return the logits, or "
+            "parameterised layer, but forward does not return its result (later operations combine it "
+            "with other tensors or change its shape), so the values before it cannot be recovered. Make forward return the logits, or "
             "return the softmax / log_softmax / sigmoid result itself."
         )
     return _Logits(traced.tensor, "categorical", None, False)
@@ -389,8 +415,9 @@ def select_output(model: nn.Module, output: str = "logits", *, example_inputs: A
     """A module sharing ``model``'s parameters whose forward returns the chosen output space.
 
     ``output``: "logits" (g: the input of a trailing softmax / log_softmax / sigmoid, module or
-    functional, taken before a stabilising ``x - max(x)``; the model's output when it ends in
-    none), "probs" (softmax(g) over dim 1, or sigmoid(g)), "log_probs" (log_softmax(g), or
+    functional, taken before a stabilising ``x - max(x)`` and whatever elementwise changes by
+    constants follow it, such as ``softmax(g) + 1e-9``, ``clamp`` or ``log``; the model's output
+    when it ends in none), "probs" (softmax(g) over dim 1, or sigmoid(g)), "log_probs" (log_softmax(g), or
     logsigmoid(g)) or "margin" (m_c = g_c - logsumexp_{j != c} g_j = log(p_c / (1 - p_c)) for
     every class, TRAK's output; g itself for a sigmoid). Captum's ``target`` then picks the class.
     The heads are modules, so hook-based methods see the softmax they apply (DeepLift's rule for

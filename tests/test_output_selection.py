@@ -380,10 +380,36 @@ class ClampedSoftmax(Body):
         return F.softmax(self.logits(x), dim=1).clamp(min=1e-6)
 
 
-def test_no_detectable_logits():
-    model = ClampedSoftmax()
+class SoftmaxThenEpsilonLog(Body):
+    def forward(self, x):
+        probs = torch.softmax(self.logits(x), 1)
+        return torch.log(1e-9 + probs * 2.0 / 2.0)
+
+
+@pytest.mark.parametrize("model_class", [ClampedSoftmax, SoftmaxThenEpsilonLog])
+def test_logits_before_a_softmax_changed_elementwise(model_class):
+    model = model_class()
     x = torch.randn(3, 6)
-    line = inspect.getsourcelines(ClampedSoftmax.forward)[1] + 1
+    with torch.no_grad():
+        logits = model.logits(x)
+        torch.testing.assert_close(ci.select_output(model, "logits", example_inputs=x)(x), logits)
+        torch.testing.assert_close(ci.select_output(model, "probs")(x), torch.softmax(logits, 1))
+        torch.testing.assert_close(ci.select_output(model, "log_probs")(x), torch.log_softmax(logits, 1))
+
+
+class MixedSoftmax(Body):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weights", torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return F.softmax(self.logits(x), dim=1) * self.weights
+
+
+def test_no_detectable_logits():
+    model = MixedSoftmax()
+    x = torch.randn(3, 6)
+    line = inspect.getsourcelines(MixedSoftmax.forward)[1] + 1
     with pytest.raises(ValueError, match=rf"no detectable logits: softmax \(at {__file__}:{line}\)"):
         ci.select_output(model, "logits")(x)
     with pytest.raises(ValueError, match="no detectable logits"):  # found at construction with example inputs
