@@ -59,6 +59,13 @@ class ModelOutput(ABC):
             )
         return _out_to_loss_grad_by_autograd(self, model, batch)
 
+    def output_and_out_to_loss_grad(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, Q)`` of a batch: f differentiable as :meth:`output`, Q without gradient as
+        :meth:`out_to_loss_grad`. Here two calls; tasks that get both from one forward override it."""
+        f = self.output(model, batch)
+        with torch.no_grad():
+            return f, self.out_to_loss_grad(model, batch)
+
     def prepare(self, model: nn.Module, data: Iterable[Batch]) -> None:
         """Called once per checkpoint before featurising, with the training batches. Does nothing here."""
 
@@ -215,8 +222,17 @@ class ClassificationOutput(ModelOutput):
         with torch.no_grad():
             logits, labels = self.logits_and_labels(model, batch)
             self._check_labels(logits, labels)
-            margin = _margins(logits / self.temperature).gather(1, labels.unsqueeze(1)).squeeze(1)
-            return torch.sigmoid(-margin)  # = 1 - p_y
+            return self._q(logits, labels)
+
+    def _q(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        margin = _margins(logits.detach() / self.temperature).gather(1, labels.unsqueeze(1)).squeeze(1)
+        return torch.sigmoid(-margin)  # = 1 - p_y
+
+    def output_and_out_to_loss_grad(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """f and Q from one forward (the labels are checked as in :meth:`out_to_loss_grad`)."""
+        logits, labels = self.logits_and_labels(model, batch)
+        self._check_labels(logits, labels)
+        return _margins(logits).gather(1, labels.unsqueeze(1)).squeeze(1), self._q(logits, labels)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, labels = self.logits_and_labels(model, batch)
@@ -309,6 +325,11 @@ class RegressionOutput(ModelOutput):
         with torch.no_grad():
             pred, labels = self._prediction(model, batch)
             return labels - pred
+
+    def output_and_out_to_loss_grad(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """f and Q from one forward."""
+        pred, labels = self._prediction(model, batch)
+        return pred, (labels - pred).detach()
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         pred, labels = self._prediction(model, batch)

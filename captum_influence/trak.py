@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import numpy as np
 import torch
@@ -30,12 +30,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names, shared_array
+from ._backend.factored_projection import FactoredProjector, factorable
 from ._backend.grads import slice_batch
+from ._backend.layer_grads import exact_by_construction
 from ._backend.solve import Features, as_tensor_block
 from ._backend.store import data_fingerprint, file_digest, model_fingerprint
 from ._checkpoints import LoadFunc
 from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
-from .tasks import ModelOutput, get_task
+from .tasks import ClassificationOutput, ModelOutput, RegressionOutput, get_task
 
 # "auto" damping: lambda = _AUTO_DAMPING * trace(G) / n_train, the mean squared norm of the features
 # (the mean eigenvalue of the n x n kernel Phi Phi^T). Unlike trace(G) / k it does not shrink as the
@@ -44,6 +46,11 @@ _AUTO_DAMPING = 1.0
 # "auto" projection: exact gradients up to this many parameters, else a projection to this many.
 _AUTO_PROJECTION_DIM = 2048
 _INVERSE_SCALINGS = ("none", "mean_abs")
+_PROJECTIONS = ("dense", "factored")
+# Default batch: as many examples as keep the largest layer's (B, |theta|) gradient block near
+# 2^24 floats (64 MiB), a power of two in [64, 1024]: per-batch overhead is then amortised.
+_BATCH_FLOATS = 2**24
+_BATCH_RANGE = (64, 1024)
 
 
 @dataclass
@@ -92,6 +99,51 @@ def _auto_projection_dim(grad_dim: int) -> Optional[int]:
     return None if grad_dim <= _AUTO_PROJECTION_DIM else _AUTO_PROJECTION_DIM
 
 
+def _auto_batch_size(model: nn.Module, names: list[str]) -> int:
+    """The default batch size: 2^24 floats over the largest module's selected parameter count,
+    rounded down to a power of two and clamped to [64, 1024]."""
+    table = dict(model.named_parameters())
+    largest = max(
+        (sum(table[n].numel() for n in names if n.rpartition(".")[0] == path) for path, _ in model.named_modules()),
+        default=1,
+    )
+    size = 2 ** int(math.log2(max(1, _BATCH_FLOATS // max(largest, 1))))
+    return min(max(size, _BATCH_RANGE[0]), _BATCH_RANGE[1])
+
+
+class _TaskFailure(ValueError):
+    """The task refused a batch (a ValueError of its own, such as labels out of range); kept
+    apart from the engine's errors so that TRAK can name the examples."""
+
+
+class _OutputAndQ:
+    """The task's f as the engine's output function, keeping the Q that the same forward gives
+    for the ``n`` examples of the batch being featurised (``q``: None until such a call)."""
+
+    def __init__(self, task: ModelOutput, n: int, fused: bool):
+        self.task, self.n, self.fused = task, n, fused
+        self.q: Optional[torch.Tensor] = None
+
+    def __call__(self, model: nn.Module, *batch: Any) -> torch.Tensor:
+        try:
+            if not self.fused:
+                return self.task.output(model, batch)
+            f, q = self.task.output_and_out_to_loss_grad(model, batch)
+        except ValueError as err:
+            raise _TaskFailure(err) from err
+        if len(q) == self.n:
+            self.q = q
+        return f
+
+    def out_to_loss_grad(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """Q of ``batch`` from a forward of its own."""
+        try:
+            with torch.no_grad():
+                return self.task.out_to_loss_grad(model, batch).reshape(-1)
+        except ValueError as err:
+            raise _TaskFailure(err) from err
+
+
 def _checkpoint_seed(seed: int, index: int) -> int:
     """An independent projection seed per (seed, checkpoint)."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
@@ -137,10 +189,15 @@ class TRAK(GradientFeatureInfluence):
         task: a ``ModelOutput`` (instance, subclass or name, see ``captum_influence.tasks``).
         projection_dim: int k, None (exact gradients, no projection), or "auto": exact gradients
             for models with at most 2048 parameters (in ``layers``), else a projection to 2048.
+        projection: "dense" (one random matrix over all parameters) or "factored": each Linear and
+            Conv layer's input and output gradient are projected separately and their outer
+            product kept (as LoGra does), about sqrt(P k) work per layer instead of P k, so that
+            large models can be projected; the other parameters are projected densely.
         damping: lambda >= 0, or "auto": per checkpoint, trace(G_m) / n_train (the mean squared
             feature norm), which keeps the solve well posed when k >= n_train, where G_m is singular.
         layers: parameter names, module paths or modules to differentiate (default: all trainable).
-        batch_size: examples per gradient batch.
+        batch_size: examples per gradient batch; None picks it from the model's size (2^24 floats
+            over the largest layer's parameter count, a power of two in [64, 1024]).
         store_dir: directory for the features, factors and keys (memory-mapped); a killed run
             resumes there, and a store made with other settings is refused. Under
             ``torch.distributed`` (torchrun) each rank featurises its shard of the training
@@ -171,27 +228,38 @@ class TRAK(GradientFeatureInfluence):
         projection_dim: Union[int, str, None] = "auto",
         damping: Union[float, str] = "auto",
         layers: Any = None,
-        batch_size: int = 64,
+        batch_size: Optional[int] = None,
         store_dir: Union[str, os.PathLike, None] = None,
         device: Union[str, torch.device, None] = None,
         seed: int = 0,
         show_progress: bool = False,
         inverse_scaling: str = "none",
         timeout: Optional[float] = None,
+        projection: str = "dense",
     ):
+        if batch_size is None and isinstance(model, nn.Module) and not isinstance(train_dataset, DataLoader):
+            batch_size = _auto_batch_size(model, select_param_names(model, layers, arg="layers"))
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func,
             batch_size=batch_size, device=device, show_progress=show_progress, timeout=timeout,
         )
         self.task = get_task(task)
         self.param_names = select_param_names(model, layers, arg="layers")
-        self._layer_grads = LayerGrads(model, self.param_names)
+        # The hooks' check (single-example passes) where it can fail: not for a plain stack of
+        # per-example layers with a per-example output function.
+        plain = type(self.task) in (ClassificationOutput, RegressionOutput) and exact_by_construction(model)
+        self._layer_grads = LayerGrads(model, self.param_names, check=not plain)
         self.param_shapes = param_shapes(model, self.param_names)
+        if projection not in _PROJECTIONS:
+            raise ValueError(f"projection: expected one of {_PROJECTIONS}; got {projection!r}.")
+        self.projection = projection
         grad_dim = sum(math.prod(s) for s in self.param_shapes.values())
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
         self.seed = seed
-        self.projection_dim = self._check_projection_dim(projection_dim, grad_dim, damping)
+        self.projection_dim = self._asked_dim = self._check_projection_dim(projection_dim, grad_dim, damping)
+        if projection == "factored" and self.projection_dim is not None:
+            self.projection_dim = self._factored(0).projection_dim  # the k made: products per layer
         self.feature_dim = self.projection_dim or grad_dim
         if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
                                       and math.isfinite(damping) and damping >= 0)):
@@ -259,8 +327,8 @@ class TRAK(GradientFeatureInfluence):
             "layers": self.param_names,
             "checkpoints": [_checkpoint_identity(c) for c in self.checkpoints],
             "task": _task_identity(self.task),
-            "projection": {"kind": "rademacher" if self.projection_dim else "identity",
-                           "dim": self.feature_dim, "seed": self.seed},
+            "projection": {"kind": (self.projection if self.projection == "factored" else "rademacher")
+                           if self.projection_dim else "identity", "dim": self.feature_dim, "seed": self.seed},
             "damping": self.damping,
             "inverse_scaling": self.inverse_scaling,
             "n_train": self.n_train,
@@ -269,52 +337,65 @@ class TRAK(GradientFeatureInfluence):
 
     # --- features of one checkpoint ---------------------------------------------------------
 
-    def _projector(self, index: int) -> Projector:
+    def _factored(self, index: int) -> FactoredProjector:
+        """Checkpoint ``index``'s factored projector: Linear and Conv layers whose parameters the
+        hooks alone compute are factored, every other selected parameter projected densely."""
+        engine = self._layer_grads
+        layers = {path: m for path, m in engine.covered_modules().items() if factorable(m)}
+        held = {name for m in layers.values() for name in engine.module_params(m)}
+        dense = {name: shape for name, shape in self.param_shapes.items() if name not in held}
+        assert self._asked_dim is not None
+        return FactoredProjector(layers, dense, self._asked_dim, seed=_checkpoint_seed(self.seed, index),
+                                 device=self.device)
+
+    def _projector(self, index: int) -> Union[Projector, FactoredProjector]:
         """Checkpoint ``index``'s projector. Kept between calls when the matrices of all checkpoints
         fit the projector's own cache budget (each then holds its whole matrix once generated), so
-        later influence() calls do not generate them again; otherwise made anew each time."""
+        later influence() calls do not generate them again; otherwise made anew each time. A
+        factored projector's matrices are small and always kept."""
         if index in self._projectors:
             return self._projectors[index]
         if self.projection_dim is None:
-            projector = Projector(self.param_shapes, None, kind="identity", device=self.device)
+            projector: Union[Projector, FactoredProjector] = Projector(
+                self.param_shapes, None, kind="identity", device=self.device)
+        elif self.projection == "factored":
+            projector = self._factored(index)
+            if projector.projection_dim != self.projection_dim:
+                raise ValueError(
+                    "projection: the engine's check moved layers off the hook path, so the factored layout "
+                    f"differs from the one planned ({projector.projection_dim} != {self.projection_dim} "
+                    "features); use projection='dense' for this model."
+                )
         else:
             projector = Projector(
                 self.param_shapes, self.projection_dim, seed=_checkpoint_seed(self.seed, index), device=self.device
             )
-        element = torch.finfo(projector.dtype).bits // 8
-        total = len(self.checkpoints) * projector.grad_dim * projector.projection_dim * element
-        if projector.kind == "identity" or total <= projector.cache_bytes:
-            self._projectors[index] = projector
+        if not isinstance(projector, FactoredProjector):
+            element = torch.finfo(projector.dtype).bits // 8
+            total = len(self.checkpoints) * projector.grad_dim * projector.projection_dim * element
+            if projector.kind != "identity" and total > projector.cache_bytes:
+                return projector
+        self._projectors[index] = projector
         return projector
 
-    def _output(self, model: nn.Module, *batch: Any) -> torch.Tensor:
-        return self.task.output(model, batch)
-
-    def _grads_and_q(self, projector: Projector, start: int, batch: tuple, index: int, arg: str) -> torch.Tensor:
-        """Rows ``[phi(z), Q(z)]`` of a batch, (B, k + 1), checked to be finite."""
+    def _grads_and_q(self, projector: Union[Projector, FactoredProjector], start: int, batch: tuple, index: int,
+                     arg: str) -> torch.Tensor:
+        """Rows ``[phi(z), Q(z)]`` of a batch, (B, k + 1), checked to be finite. f and Q come from
+        one forward where the engine runs the task's output once on the whole batch."""
         n = len(batch[-1])
-        # A plain forward first, outside vmap: the task checks the batch there (labels in range
-        # for classification) and a batch the model cannot take fails clearly.
+        engine = self._layer_grads
+        output = _OutputAndQ(self.task, n, fused=not engine.vmap_names)
         try:
-            with torch.no_grad():
-                q = self.task.out_to_loss_grad(self.model, batch).reshape(-1, 1)
-        except ValueError as err:
-            raise ValueError(
-                f"{arg}: the task's output fails on examples {start}..{start + n - 1} (the batch starting "
-                f"at {start}) at checkpoint {index}: {err}"
-            ) from err
-        except (IndexError, RuntimeError) as err:
-            raise ValueError(
-                f"{arg}: the task's output fails on examples {start}..{start + n - 1} at checkpoint {index} "
-                f"({type(err).__name__}: {err}); expected inputs of the shape the model takes."
-            ) from err
-        phi = self._layer_grads.project(self._output, batch, projector)
-        if self._layer_grads.coupled:  # the forward couples the examples: Q of each example alone too
-            with torch.no_grad():
-                q = torch.cat([
-                    self.task.out_to_loss_grad(self.model, slice_batch(batch, b, b + 1)).reshape(-1, 1) for b in range(n)
-                ])
-        rows = torch.cat([phi, q.to(phi)], dim=1)
+            phi = engine.project(output, batch, projector)
+            q = output.q
+            if q is None or engine.coupled:  # the forward couples the examples: Q of each alone
+                parts = [batch] if not engine.coupled else [slice_batch(batch, b, b + 1) for b in range(n)]
+                q = torch.cat([output.out_to_loss_grad(self.model, part) for part in parts])
+        except _TaskFailure as failure:
+            self._task_failed(failure.__cause__, start, n, index, arg)
+        except (IndexError, RuntimeError) as err:  # a batch the model cannot take
+            self._task_failed(err, start, n, index, arg)
+        rows = torch.cat([phi, q.reshape(-1, 1).to(phi)], dim=1)
         bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()
         if len(bad):
             indices = (bad + start).tolist()
@@ -325,14 +406,28 @@ class TRAK(GradientFeatureInfluence):
             )
         return rows
 
+    @staticmethod
+    def _task_failed(err: BaseException, start: int, n: int, index: int, arg: str) -> NoReturn:
+        if isinstance(err, ValueError):
+            raise ValueError(
+                f"{arg}: the task's output fails on examples {start}..{start + n - 1} (the batch starting "
+                f"at {start}) at checkpoint {index}: {err}"
+            ) from err
+        raise ValueError(
+            f"{arg}: the task's output fails on examples {start}..{start + n - 1} at checkpoint {index} "
+            f"({type(err).__name__}: {err}); expected inputs of the shape the model takes."
+        ) from err
+
     def _prepare(self) -> None:
         """Let the task see the training set at the loaded checkpoint (e.g. contrastive negatives)."""
         self.task.prepare(self.model, (batch for _, batch in self._train_batches()))
 
     # --- training side: solves and keys -----------------------------------------------------
 
-    def _fit(self) -> tuple[list[_Solve], Features]:
+    def _fit(self, visit: Optional[Callable[[int, Any, _Solve], None]] = None) -> tuple[list[_Solve], Features]:
         """Featurise the training set at every checkpoint, factor G_m + lambda I, write the keys.
+        ``visit(index, projector, solve)`` is called at each checkpoint while it is loaded, so that
+        queries are featurised with the same projector (generated once per checkpoint).
 
         With a store, finished batches are not redone and a checkpoint whose keys are written
         keeps its stored solve; a damaged file's work is redone (bit-identical) with a warning."""
@@ -373,6 +468,10 @@ class TRAK(GradientFeatureInfluence):
                     done.flush()
             q_sum += as_tensor_block(rows[:, k:], 0, n, torch.float64).flatten()
             solves.append(solve)
+            if visit is not None:
+                if not prepared:
+                    self._prepare()
+                visit(index, projector, solve)
         if self.store is not None and done.all():
             self.store.finish("keys")
         self._train_weights = (q_sum / count).to(torch.float32)
@@ -402,21 +501,28 @@ class TRAK(GradientFeatureInfluence):
     # --- query side --------------------------------------------------------------------------
 
     def _featurise_inputs(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """psi(z) (n, M k) and the mean out-to-loss weight Q(z) (n,) of the examples in ``inputs``."""
-        solves, _ = self._fit()
+        """psi(z) (n, M k) and the mean out-to-loss weight Q(z) (n,) of the examples in ``inputs``.
+        Before the first fit, each checkpoint's queries are featurised right after its training
+        set, with the same projector and without loading the checkpoint again."""
         batches, n = self._test_batches(inputs)
-        k = self.feature_dim
-        psi = torch.empty(n, len(solves) * k)
+        k, count = self.feature_dim, len(self.checkpoints)
+        psi = torch.empty(n, count * k)
         q_sum = torch.zeros(n, dtype=torch.float64)
-        for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
-            self._prepare()
-            projector = self._projector(index)
+
+        def featurise(index: int, projector: Any, solve: _Solve) -> None:
             for start, batch in tqdm(batches, desc=f"checkpoint {index}: inputs", disable=not self.show_progress, leave=False):
                 rows = self._grads_and_q(projector, start, batch, index, "inputs")
                 stop = start + rows.shape[0]
-                psi[start:stop, index * k : (index + 1) * k] = solves[index].whiten(rows[:, :k]).float().cpu()
+                psi[start:stop, index * k : (index + 1) * k] = solve.whiten(rows[:, :k]).float().cpu()
                 q_sum[start:stop] += rows[:, k].cpu().to(torch.float64)
-        return psi, (q_sum / len(solves)).to(torch.float32)
+
+        if self._solves is None:
+            self._fit(featurise)
+        else:
+            for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
+                self._prepare()
+                featurise(index, self._projector(index), self._solves[index])
+        return psi, (q_sum / count).to(torch.float32)
 
     def _test_features(self, inputs: Any) -> torch.Tensor:
         return self._featurise_inputs(inputs)[0]

@@ -279,7 +279,9 @@ def test_store_resumes_after_a_crash_and_refuses_other_settings(small_mlp, tmp_p
     model, states, train_set, targets = small_mlp
     settings = dict(projection_dim=32, batch_size=50, store_dir=tmp_path / "store")
     reference = ci.TRAK(model, train_set, states, projection_dim=32, batch_size=50).influence(targets)
-    calls, kill_at = [], [9]  # the first run dies at checkpoint 1, batch 3 of 6
+    # The first run dies at checkpoint 1, batch 3 of 6 (after checkpoint 0's 6 training batches and its
+    # query batch, which is featurised while checkpoint 0 is loaded).
+    calls, kill_at = [], [10]
     original = ci.TRAK._grads_and_q
 
     def counted(self, projector, start, batch, index, arg):
@@ -322,7 +324,7 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
         ci.TRAK(model, TensorDataset(x[:0], y[:0]), states)
     with pytest.raises(ValueError, match=r"train_dataset: the task's output fails on examples 64\.\.127 .*labels: "
                        r"expected class indices in \[0, 4\) .*got \[9\] at positions \[6\] of the batch"):
-        ci.TRAK(model, TensorDataset(x, y.index_fill(0, torch.tensor([70]), 9)), states).influence(targets)
+        ci.TRAK(model, TensorDataset(x, y.index_fill(0, torch.tensor([70]), 9)), states, batch_size=64).influence(targets)
     trak = ci.TRAK(model, train_set, states, projection_dim=32)
     bad = targets[1].clone()
     bad[[2, 5]] = torch.tensor([4, -1])
@@ -418,7 +420,7 @@ def test_non_finite_gradients_name_the_examples(small_mlp):
     bad = x.clone()
     bad[70, 2], bad[201, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match=r"train_dataset: .* NaN or inf for example indices \[70\]"):
-        ci.TRAK(model, TensorDataset(bad, y), states, projection_dim=32).influence(targets)
+        ci.TRAK(model, TensorDataset(bad, y), states, projection_dim=32, batch_size=64).influence(targets)
     with pytest.raises(ValueError, match=r"train_dataset: .* NaN or inf for example indices \[70, 201\]"):
         ci.TRAK(model, TensorDataset(bad, y), states, projection_dim=32, batch_size=300).influence(targets)
     trak = ci.TRAK(model, train_set, states, projection_dim=32)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .grads import OutputFn, _as_tuple, _check_chunk_size, slice_batch, batch_si
 from .layer_calls import LayerCall, module_path, output_grads, record_calls
 from .layer_rules import LayerRule, rule_for
 from .model_checks import check_deterministic, check_eval_norms
+from .factored_projection import FactoredProjector
 from .params import ParamSpec, select_param_names
 from .projector import Projector
 
@@ -79,6 +80,15 @@ class _Hooked:
     module: nn.Module
     rule: LayerRule
     attrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LayerIO:
+    """One call of a layer kept raw: its input ``a`` and output gradient ``d``, batch first."""
+
+    module: nn.Module
+    a: torch.Tensor
+    d: torch.Tensor
 
 
 @dataclass
@@ -201,6 +211,15 @@ class LayerGrads:
         elsewhere = {name for key, h in self._hooked.items() if key != id(module) for name in h.attrs.values()}
         return all(name not in self.vmap_names and name not in elsewhere for name in hooked.attrs.values())
 
+    def covered_modules(self) -> dict[str, nn.Module]:
+        """``{path: module}`` of the hooked modules whose gradients may be kept as factors (``hooks_cover``)."""
+        return {self._path(h.module): h.module for h in self._hooked.values() if self.hooks_cover(h.module)}
+
+    def module_params(self, module: nn.Module) -> list[str]:
+        """The selected parameter names the hooks of ``module`` compute."""
+        hooked = self._hooked.get(id(module))
+        return list(hooked.attrs.values()) if hooked is not None else []
+
     def path_of(self, module: nn.Module) -> str:
         """``module``'s name in the model (the first, for a module registered twice)."""
         path = self._paths.get(id(module))
@@ -255,12 +274,14 @@ class LayerGrads:
 
     def _contributions(
         self, records: list[LayerCall], d_list: list, n: int, dtype: Optional[torch.dtype],
-        factored: Sequence[nn.Module] = (), unbatched: Optional[dict] = None,
+        factored: Sequence[nn.Module] = (), unbatched: Optional[dict] = None, raw: Sequence[nn.Module] = (),
     ) -> Iterator[tuple[str, Any]]:
         """``(name, Tensor[B, *shape])`` for each hooked call (a name repeats for a reused layer),
-        or ``(path, (A, D))`` for calls of ``factored`` modules. A layer whose first dimension is
-        not the example raises, or with ``unbatched`` is noted there (path: reason) and skipped."""
+        ``(path, (A, D))`` for calls of ``factored`` modules, ``(path, LayerIO)`` for calls of
+        ``raw`` modules. A layer whose first dimension is not the example raises, or with
+        ``unbatched`` is noted there (path: reason) and skipped."""
         factored_ids = {id(m) for m in factored}
+        raw_ids = {id(m) for m in raw}
         for rec, d in zip(records, d_list):
             if d is None:  # the call did not reach the output
                 continue
@@ -275,6 +296,9 @@ class LayerGrads:
                 unbatched[path] = reason
                 continue
             hooked = self._hooked[id(rec.module)]
+            if id(rec.module) in raw_ids:
+                yield self._path(rec.module), LayerIO(rec.module, rec.value, d)
+                continue
             if id(rec.module) in factored_ids:
                 yield self._path(rec.module), hooked.rule.factors(rec.module, rec.value, d)
                 continue
@@ -453,20 +477,23 @@ class LayerGrads:
     def _chunk(
         self, fn: OutputFn, chunk: tuple, sink: Callable[[str, torch.Tensor], None],
         factored: Sequence[nn.Module] = (), factor_sink: Optional[Callable[[str, Factors], None]] = None,
+        raw: Sequence[nn.Module] = (), raw_sink: Optional[Callable[[LayerIO], None]] = None,
     ) -> None:
-        """Send every selected parameter's per-example gradient for ``chunk`` to ``sink`` (and the
-        factors of ``factored`` modules to ``factor_sink``). Once the forward is known to couple the
-        examples, each example goes through the same path alone (a batch of one cannot couple)."""
+        """Send every selected parameter's per-example gradient for ``chunk`` to ``sink``, the
+        factors of ``factored`` modules to ``factor_sink`` and the calls of ``raw`` modules, as
+        they are, to ``raw_sink``. Once the forward is known to couple the examples, each example
+        goes through the same path alone (a batch of one cannot couple)."""
         self.check(fn, chunk)
-        if any(not self.hooks_cover(m) for m in factored):
-            bad = [self._path(m) for m in factored if not self.hooks_cover(m)]
+        if any(not self.hooks_cover(m) for m in (*factored, *raw)):
+            bad = [self._path(m) for m in (*factored, *raw) if not self.hooks_cover(m)]
             raise ValueError(f"factored: modules {bad} are not computed by the hooks alone; they cannot be factored.")
         n = batch_size_of(chunk)
         with _precision(self.precision):
-            if not self.coupled and self._pass(fn, chunk, n, factored, sink, factor_sink, guard=True):
+            if not self.coupled and self._pass(fn, chunk, n, factored, sink, factor_sink, raw, raw_sink, guard=True):
                 return
             grads: dict[str, list[torch.Tensor]] = {}
             factors: dict[str, list[Factors]] = {}
+            calls: list[list[LayerIO]] = []
             for b in range(n):
                 example: dict[str, torch.Tensor] = {}
 
@@ -474,8 +501,9 @@ class LayerGrads:
                     example[name] = example[name] + g if name in example else g
 
                 parts: dict[str, list[Factors]] = {}
+                calls.append([])
                 self._pass(fn, slice_batch(chunk, b, b + 1), 1, factored, add,
-                           lambda path, f: parts.setdefault(path, []).append(f), guard=False)
+                           lambda path, f: parts.setdefault(path, []).append(f), raw, calls[-1].append, guard=False)
                 for name, g in example.items():
                     grads.setdefault(name, []).append(g)
                 for path, pieces in parts.items():
@@ -487,10 +515,17 @@ class LayerGrads:
                 if len({a.shape[1] for a, _ in fs}) > 1:
                     raise ValueError(f"model: layer {path!r} runs at a different number of positions for different examples.")
                 factor_sink(path, (torch.cat([a for a, _ in fs]), torch.cat([d for _, d in fs])))
+            if raw:
+                assert raw_sink is not None
+                if len({tuple(id(io.module) for io in example) for example in calls}) > 1:
+                    raise ValueError("model: the layers run a different number of times for different examples.")
+                for ios in zip(*calls):
+                    raw_sink(LayerIO(ios[0].module, torch.cat([io.a for io in ios]), torch.cat([io.d for io in ios])))
 
     def _pass(
         self, fn: OutputFn, chunk: tuple, n: int, factored: Sequence[nn.Module],
-        sink: Callable[[str, torch.Tensor], None], factor_sink: Optional[Callable[[str, Factors], None]], guard: bool,
+        sink: Callable[[str, torch.Tensor], None], factor_sink: Optional[Callable[[str, Factors], None]],
+        raw: Sequence[nn.Module], raw_sink: Optional[Callable[[LayerIO], None]], guard: bool,
     ) -> bool:
         """One batched forward and backward with hooks, then vmap (or a loop) for the rest. With
         ``guard``, one example's output is first compared with its output alone, rotating over the
@@ -503,8 +538,11 @@ class LayerGrads:
                 return False
             for name, g in shared_grads.items():
                 sink(name, g)
-            for key, value in self._contributions(records, d_list, n, dtype, factored):
-                if isinstance(value, tuple):
+            for key, value in self._contributions(records, d_list, n, dtype, factored, raw=raw):
+                if isinstance(value, LayerIO):
+                    assert raw_sink is not None
+                    raw_sink(value)
+                elif isinstance(value, tuple):
                     assert factor_sink is not None
                     factor_sink(key, value)
                 else:
@@ -561,31 +599,68 @@ class LayerGrads:
         return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}
 
     def project(
-        self, fn: OutputFn, inputs: Any, projector: Projector, *, chunk_size: Optional[int] = None
+        self, fn: OutputFn, inputs: Any, projector: Union[Projector, FactoredProjector], *,
+        chunk_size: Optional[int] = None,
     ) -> torch.Tensor:
         """``projector.project(grads(fn, inputs))`` without the (B, P) matrix: each layer's
         (B, |theta|) gradient is projected as it is produced. Returns (B, projection_dim), float32
-        or the projector's wider dtype."""
-        self._check_projector(projector)
+        or the projector's wider dtype. A ``FactoredProjector`` gets its layers' inputs and output
+        gradients instead, and those layers' (B, |theta|) gradients are never formed."""
+        factored = self._check_projector(projector)
         dtype = projector.dtype if projector.dtype in (torch.float32, torch.float64) else torch.float32
         n = batch_size_of(_as_tuple(inputs))
         out = torch.zeros(n, projector.projection_dim, dtype=dtype, device=projector.device)
         for start, chunk in self._chunks(inputs, chunk_size):
             rows = out[start : start + batch_size_of(chunk)]
-            self._chunk(fn, chunk, lambda name, g: projector.project_param(name, g, rows))
+            if factored:
+                self._chunk(fn, chunk, lambda name, g: projector.project_param(name, g, rows),
+                            raw=projector.modules, raw_sink=lambda io: projector.project_call(io.module, io.a, io.d, rows))
+            else:
+                self._chunk(fn, chunk, lambda name, g: projector.project_param(name, g, rows))
         return out
 
-    def _check_projector(self, projector: Projector) -> None:
-        if not isinstance(projector, Projector):
-            raise TypeError(f"projector: expected a Projector; got {type(projector).__name__}.")
-        shapes = dict(zip(projector.names or [], projector.sizes))
+    def _check_projector(self, projector: Any) -> bool:
+        """Refuse a projector not built for the selected parameters; True for a factored one."""
         table = dict(self.model.named_parameters())
         wanted = {name: table[name].numel() for name in self.names}
+        if isinstance(projector, FactoredProjector):
+            held = {name for m in projector.modules for name in self.module_params(m)} | set(projector.names)
+            if held != set(wanted):
+                raise ValueError(
+                    f"projector: expected a FactoredProjector for the selected parameters {self.names}; "
+                    f"it projects {sorted(held)}."
+                )
+            return True
+        if not isinstance(projector, Projector):
+            raise TypeError(f"projector: expected a Projector or FactoredProjector; got {type(projector).__name__}.")
+        shapes = dict(zip(projector.names or [], projector.sizes))
         if shapes != wanted:
             raise ValueError(
                 "projector: expected one built from the selected parameters' shapes, "
                 f"Projector(param_shapes(model, {self.names}), k); it has {projector.names or projector.grad_dim}."
             )
+        return False
+
+
+# Parameter-free modules that act on each example alone (in eval mode, for Dropout).
+_PER_EXAMPLE = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+
+
+def exact_by_construction(model: nn.Module) -> bool:
+    """True for nested ``nn.Sequential`` of layers with a rule and parameter-free per-example
+    modules (exact types, Dropout in eval mode): each parameter is used only in its module's
+    forward and no layer mixes the examples, so the hooks' check cannot fail for an output
+    function that treats each example alone, and may be skipped."""
+    if type(model) is nn.Sequential:
+        return all(exact_by_construction(child) for child in model)
+    if type(model) in _PER_EXAMPLE:
+        return type(model) is not nn.Dropout or not model.training
+    return next(model.children(), None) is None and rule_for(model)[0] is not None
 
 
 def per_example_grads(

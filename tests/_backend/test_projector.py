@@ -81,3 +81,16 @@ def test_bad_arguments():
         ci.Projector(100, 10).project(torch.randn(3, 99))
     with pytest.raises(ValueError, match="grads"):
         ci.Projector({"w": (3, 3)}, 4).project({"v": torch.randn(2, 3, 3)})
+
+
+def test_rademacher_blocks_equal_the_int64_hash_formula():
+    """Blocks are made in wrapping int32 arithmetic; they equal the module docstring's hash computed
+    in int64: sign = 1 - 2 * bit31(mix32(key(row) ^ key(col)))."""
+    from captum_influence._backend import projector as module
+
+    for seed in (0, 3, 2**40 + 7):
+        salt = int(module._mix32(torch.tensor(seed & module._M32)).item()) ^ ((seed >> 32) & module._M32)
+        rows = module._key(torch.arange(5, 1200, dtype=torch.int64), salt)
+        cols = module._key(torch.arange(333, dtype=torch.int64), salt ^ 0x5BD1E995)
+        reference = (1 - 2 * (module._mix32(rows[:, None] ^ cols[None, :]) >> 31)).float()
+        assert torch.equal(module.projection_block(seed, 5, 1200, 333, "rademacher", torch.float32, "cpu"), reference)
