@@ -1,4 +1,6 @@
-"""Every notebook in tutorials/ runs top to bottom, and the committed files carry no outputs.
+"""Every notebook in tutorials/ runs top to bottom, is the notebook of its jupytext script
+(``tutorials/NN_*.py``, the source: ``jupytext --sync tutorials/*.py`` rewrites the notebooks),
+and the committed files carry no outputs.
 
 The kernel is this interpreter (a kernel spec written to a temporary directory), so the test needs
 no kernel installed in the environment; it runs in a temporary working directory, with one
@@ -20,6 +22,7 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+SCRIPTS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 KERNEL = "captum-influence-tests"
 CELL_TIMEOUT_S = 300
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -46,6 +49,21 @@ def jupyter_path(tmp_path_factory):
 
 def test_the_four_tutorials_are_there():
     assert {"01_", "02_", "03_", "04_"} <= {p.name[:3] for p in NOTEBOOKS}
+    assert [p.stem for p in SCRIPTS] == [p.stem for p in NOTEBOOKS]  # each notebook has its script
+
+
+def _cells(nb):
+    return [(cell.cell_type, cell.source) for cell in nb.cells]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_notebook_is_its_script(script):
+    jupytext = pytest.importorskip("jupytext", reason="jupytext (the dev and tutorials extras) reads the scripts")
+    text = jupytext.read(script)
+    assert text.metadata["jupytext"]["formats"] == "ipynb,py:percent"  # paired: jupytext --sync updates both
+    nb = nbformat.read(script.with_suffix(".ipynb"), as_version=4)
+    assert _cells(nb) == _cells(text), f"{script.name} and its notebook differ: run jupytext --sync tutorials/*.py"
+    assert all(cell_type in ("code", "markdown") for cell_type, _ in _cells(nb))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -57,6 +75,7 @@ def test_committed_notebook_has_no_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: cell {i} has outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path, jupyter_path, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", _prepend(jupyter_path, "JUPYTER_PATH"))
