@@ -47,7 +47,9 @@ def _loop_penalty(model, inputs, labels, masks, target):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("target,soft", [("log_probs", False), ("true_log_prob", False), ("true_log_prob", True), ("logits", False)])
+@pytest.mark.parametrize(
+    "target,soft", [("log_probs", False), ("true_log_prob", False), ("true_log_prob", True), ("logits", False)]
+)
 def test_penalty_matches_per_example_loop(target, soft, reduction):
     model = _cnn().eval()
     x = torch.randn(7, 1, 8, 8, dtype=torch.float64)
@@ -260,8 +262,12 @@ def _peak_bytes(step) -> int:
 
 def test_batched_penalty_peak_memory_is_at_most_three_times_a_plain_step():
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
     )
     x = torch.randn(128, 1, 8, 8)
     y = torch.randint(0, 10, (128,))
@@ -280,7 +286,9 @@ def test_batched_penalty_peak_memory_is_at_most_three_times_a_plain_step():
     plain_peak, rrr_peak = _peak_bytes(plain), _peak_bytes(rrr)
     activation = 128 * 32 * 8 * 8 * 4  # one float32 output of the second convolution
     ratio = rrr_peak / plain_peak
-    print(f"peak memory: plain step {plain_peak / 2**20:.2f} MiB, RRR step {rrr_peak / 2**20:.2f} MiB, ratio {ratio:.2f}")
+    print(
+        f"peak memory: plain step {plain_peak / 2**20:.2f} MiB, RRR step {rrr_peak / 2**20:.2f} MiB, ratio {ratio:.2f}"
+    )
     assert plain_peak > 2 * activation  # the measurement sees the activations
     assert ratio <= 3.0, f"RRR step peak {rrr_peak} bytes is {ratio:.2f}x the plain step's {plain_peak}"
 

@@ -3,9 +3,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import neg_ce_fn
 
 from captum_influence._backend import FeatureStore, Projector, fill_rows, per_example_grads
-import torch.nn.functional as F
 
 
 def _featurise(store, fail_at=None):
@@ -21,8 +21,7 @@ def _featurise(store, fail_at=None):
         calls.append(len(calls))
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt("killed midway")
-        fn = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
-        return proj.project(per_example_grads(model, fn, (x, y)))
+        return proj.project(per_example_grads(model, neg_ce_fn, (x, y)))
 
     batches = [(s, (data[s : s + 8], labels[s : s + 8])) for s in range(0, 50, 8)]
     out = fill_rows(batches, compute, n_rows=50, dim=8, n_batches=len(batches), store=store)
