@@ -3,6 +3,8 @@
 Side by side in one run, for a ResNet-9 on 32x32 images and a small transformer:
   - ours, hooks path (LayerGrads: per-layer gradients from hooks, projected as produced) in
     float32, TF32 and bfloat16 products;
+  - ours, factored projection (TRAK's projection="factored": each Linear / Conv layer's input and
+    output gradient projected separately, their outer product kept; float32, and bfloat16 on GPU);
   - ours, vmap path (torch.func per-example gradients, then Projector.project);
   - traker (fast_jl CudaProjector when it is installed, else BasicProjector) with its
     FunctionalGradientComputer;
@@ -12,6 +14,7 @@ It also checks that the hooks path gives the vmap path's features (same projecti
 
     python benchmarks/featurize_speed.py --quick --threads 1   # small CPU sizes (about 1-2 minutes)
     python benchmarks/featurize_speed.py --device cuda      # ResNet-9 2.3M params, batch 128, k 2048
+    python benchmarks/featurize_speed.py --device cuda --out results.txt   # the table also to a file
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_influence._backend import Projector, param_shapes, select_param_names
+from captum_influence._backend.factored_projection import FactoredProjector, factorable
 from captum_influence._backend.layer_grads import LayerGrads, projected_grads
 
 
@@ -181,11 +185,27 @@ def run_ours(setup: Setup, results: dict) -> dict:
         lg = LayerGrads(setup.model, precision=precision)
         results[label] = throughput(lambda b: lg.project(margin, b, proj), setup.batches, setup.device)
         features[label] = lg.project(margin, setup.batches[0], proj)
+    for dtype in (torch.float32, torch.bfloat16):
+        if setup.device.type == "cpu" and dtype != torch.float32:
+            continue
+        lg = LayerGrads(setup.model)
+        proj = factored_projector(lg, setup, dtype)
+        label = f"ours factored {'fp32' if dtype == torch.float32 else 'bf16'}"
+        results[label] = throughput(lambda b: lg.project(margin, b, proj), setup.batches, setup.device)
     results["ours vmap fp32"] = throughput(
         lambda b: projected_grads(setup.model, margin, b, proj32, method="vmap"), setup.batches, setup.device
     )
     features["ours vmap fp32"] = projected_grads(setup.model, margin, setup.batches[0], proj32, method="vmap")
     return features
+
+
+def factored_projector(lg: LayerGrads, setup: Setup, dtype: torch.dtype) -> FactoredProjector:
+    """TRAK's factored projection: every Linear / Conv layer the hooks cover, the rest dense."""
+    lg.check(margin, setup.batches[0])
+    layers = {path: m for path, m in lg.covered_modules().items() if factorable(m)}
+    held = {name for m in layers.values() for name in lg.module_params(m)}
+    dense = {n: p.shape for n, p in setup.model.named_parameters() if n not in held}
+    return FactoredProjector(layers, dense, setup.proj_dim, seed=0, dtype=dtype, device=setup.device)
 
 
 def run_reference(setup: Setup, results: dict) -> None:
@@ -202,7 +222,7 @@ def run_traker(setup: Setup, results: dict) -> Optional[str]:
         from trak import TRAKer
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
     except ImportError as err:
-        return f"traker not installed ({err})"
+        return f"traker not installed ({err}): its row is skipped"
     grad_dim = sum(p.numel() for p in setup.model.parameters())
     kind = "BasicProjector"
     projector = None
@@ -229,7 +249,10 @@ def run_traker(setup: Setup, results: dict) -> Optional[str]:
 
 
 def run_captum(setup: Setup, results: dict) -> Optional[str]:
-    from captum.influence import TracInCP
+    try:
+        from captum.influence import TracInCP
+    except ImportError as err:
+        return f"Captum not installed ({err}): its row is skipped"
 
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/model.pt"
@@ -247,24 +270,25 @@ def run_captum(setup: Setup, results: dict) -> Optional[str]:
     return None if covered == total else f"Captum TracInCP took gradients of {covered} of {total} parameters"
 
 
-def report(setup: Setup, results: dict, features: dict, notes: list) -> None:
+def report(setup: Setup, results: dict, features: dict, notes: list) -> list[str]:
+    """Print the setup's table and return its lines."""
     ref = results["batched fwd+bwd"]
     n_params = sum(p.numel() for p in setup.model.parameters())
     batch = len(setup.batches[0][-1])
-    print(f"\n{setup.name}: {n_params / 1e6:.2f}M parameters, batch {batch}, projection {setup.proj_dim}, "
-          f"{len(setup.batches)} timed batches, {setup.device}")
+    lines = [f"\n{setup.name}: {n_params / 1e6:.2f}M parameters, batch {batch}, projection {setup.proj_dim}, "
+             f"{len(setup.batches)} timed batches, {setup.device}"]
     best_ours = max(v for k, v in results.items() if k.startswith("ours"))
-    print(f"  {'method':32s} {'examples/s':>11s} {'vs fwd+bwd':>11s} {'best ours vs it':>16s}")
+    lines.append(f"  {'method':32s} {'examples/s':>11s} {'vs fwd+bwd':>11s} {'best ours vs it':>16s}")
     for label, value in results.items():
-        print(f"  {label:32s} {value:11,.0f} {value / ref:11.2f} {best_ours / value:16.2f}")
+        lines.append(f"  {label:32s} {value:11,.0f} {value / ref:11.2f} {best_ours / value:16.2f}")
     exact = features["ours vmap fp32"]
     for label, f in features.items():
         if label != "ours vmap fp32":
             rel = ((f - exact).norm(dim=1) / exact.norm(dim=1)).max().item()
-            print(f"  max relative difference of '{label}' features from 'ours vmap fp32': {rel:.1e}")
-    for note in notes:
-        if note:
-            print(f"  note: {note}")
+            lines.append(f"  max relative difference of '{label}' features from 'ours vmap fp32': {rel:.1e}")
+    lines += [f"  note: {note}" for note in notes if note]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def main() -> None:
@@ -274,6 +298,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=None, help="timed batches per method")
     parser.add_argument("--models", default="resnet9,transformer")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives steadier timings on a busy machine)")
+    parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -287,9 +312,11 @@ def main() -> None:
         batch, k, n_batches, width = 128, 2048, args.batches or 20, 64
         tsize = dict(vocab=1000, length=128, dim=256, layers=4, heads=4)
     if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+        header = f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     else:
-        print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}")
+        header = f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(header)
+    lines = [header]
     setups = []
     if "resnet9" in args.models:
         model = resnet9(width=width).to(device).eval()
@@ -310,7 +337,10 @@ def main() -> None:
         notes = [run_traker(setup, results), run_captum(setup, results)]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        report(setup, results, features, notes)
+        lines += report(setup, results, features, notes)
+        if args.out:  # written after each setup, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
