@@ -666,13 +666,11 @@ def plot_influential(
             rows.append((f"{kind} {rank}: #{i}", x, label, true, float(sc), is_mis))
     test = squeeze_leading(as_array(test_example, "test_example", keep_dtype=True))
     if test.ndim == 1:
-        fig, ax = _influential_table(test, test_label, rows, feature_names, fig_size)
-    else:
-        fig, ax = _influential_images(test, test_label, rows, k, channels_last, cmap, fig_size, mis is not None)
+        return _influential_table(test, test_label, rows, feature_names, fig_size, method)
+    fig, axes = _influential_images(test, test_label, rows, k, channels_last, cmap, fig_size, mis is not None)
     if method is not None:
-        what = "proponents (top) and opponents (bottom)" if test.ndim > 1 else "proponents and opponents"
-        fig.suptitle(f"{method}: {what} of the test example", fontsize=11)
-    return fig, ax
+        fig.suptitle(f"{method}: proponents (top) and opponents (bottom) of the test example", fontsize=11)
+    return fig, axes
 
 
 def _influential_images(test, test_label, rows, k, channels_last, cmap, fig_size, marks_mislabeled):
@@ -714,7 +712,7 @@ def _influential_images(test, test_label, rows, k, channels_last, cmap, fig_size
     return fig, axes
 
 
-def _influential_table(test, test_label, rows, feature_names, fig_size):
+def _influential_table(test, test_label, rows, feature_names, fig_size, method):
     n = test.size
     names = [f"x{i}" for i in range(n)] if feature_names is None else [str(f) for f in feature_names]
     if len(names) != n:
@@ -738,7 +736,7 @@ def _influential_table(test, test_label, rows, feature_names, fig_size):
         if is_mis:
             for c in range(len(columns)):
                 table[r, c].set_facecolor("#f7c6c6")
-    ax.set_title("test example, proponents and opponents")
+    ax.set_title(("" if method is None else f"{method}: ") + "test example, proponents and opponents")
     return fig, ax
 
 
@@ -948,7 +946,7 @@ def plot_completeness(
     else:
         ax.set_ylabel("|sum(attr) - (F(x) - F(x'))|")
         what = "completeness error |delta|"
-    ax.set_title(what if method is None else f"{method}: {what}")
+    ax.set_title(what[0].upper() + what[1:] if method is None else f"{method}: {what}")
     if legend and (labels is not None or zero.any() or tolerance is not None):
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if created:

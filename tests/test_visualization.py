@@ -406,6 +406,8 @@ def test_influential_flipped_examples_show_given_and_true_labels_and_the_method(
     )
     cells = ax.tables[0].get_celld()
     assert cells[3, 65].get_text().get_text() == f"{given[199]} (true {true[199]})"
+    _, ax = vis.plot_influential(images[5].ravel(), images.reshape(len(images), -1), scores, k=1, method="TRAK")
+    assert ax.get_title() == "TRAK: test example, proponents and opponents" and not ax.figure.get_suptitle()
     with pytest.raises(ValueError, match="^true_labels: expected one label per training example"):
         vis.plot_influential(images[0], images, scores, true_labels=true[:3])
 
