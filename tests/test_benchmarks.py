@@ -73,6 +73,16 @@ def test_backend_speed_runs_against_traker():
     for (name, params, ours, traker, ratio), make in zip(rows, (bench.mlp, bench.cnn)):
         assert int(params) == sum(p.numel() for p in make().parameters()), (name, out)
         _assert_ratio(float(ratio), float(ours), float(traker), 2, out)
+    # The second table: every method against the batched forward + backward of the same batches,
+    # with the first table's rates among them.
+    against = re.findall(r"^\s+(MLP|CNN)\s+\d+\s+(\S.*?)\s+(\d+)\s+([0-9.]+)$", out, flags=re.M)
+    for name, _, ours, traker, _ in rows:
+        rates = {method: (float(rate), float(vs)) for model, method, rate, vs in against if model == name}
+        assert {"batched fwd+bwd", "ours dense", "ours factored", "traker BasicProjector"} <= set(rates), (name, out)
+        assert (rates["ours dense"][0], rates["traker BasicProjector"][0]) == (float(ours), float(traker)), out
+        reference = rates["batched fwd+bwd"][0]
+        for rate, vs in rates.values():
+            _assert_ratio(vs, rate, reference, 3, out)
 
 
 def test_real_models_quick_hooks_equal_the_loop():
