@@ -50,6 +50,9 @@ from torch.utils.data import TensorDataset
 import captum_influence as ci
 
 _ = torch.manual_seed(0)
+# The models here are tiny: one thread is faster than several handing work back and forth (much
+# faster when other programs share the cores).
+torch.set_num_threads(1)
 
 # %% [markdown]
 # ## Data and a model trained with checkpoints

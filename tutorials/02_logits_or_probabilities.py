@@ -42,6 +42,9 @@ import captum_influence as ci
 
 warnings.filterwarnings("ignore", category=UserWarning, module="captum")  # Captum's notes on hooks
 _ = torch.manual_seed(0)
+# The models here are tiny: one thread is faster than several handing work back and forth (much
+# faster when other programs share the cores).
+torch.set_num_threads(1)
 
 
 # %% [markdown]
