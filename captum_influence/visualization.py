@@ -482,7 +482,8 @@ def plot_attributions(
         cmap: the heat map's colour map (default: red-white-green for "all", as Captum).
         alpha_overlay: the heat map's opacity over the image ("blended_heat_map").
         show_colorbar: a colour bar under the image, its ticks in attribution units and its label
-            saying what each sign means. None (default): for heat maps only.
+            saying what each sign means (text: the colour key line). None (default): for heat maps
+            and text; False: none, as Captum's default.
         title: the axes' title; the completeness ``delta`` is added below it.
         fig_size: the figure's size in inches (default (6, 6) for images, as Captum).
         use_pyplot: False makes a ``matplotlib.figure.Figure`` that pyplot does not know about.
