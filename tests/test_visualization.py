@@ -321,6 +321,8 @@ def test_text_tokens_highlighted_and_wrapped(tmp_path):
     assert len(lines) > 1  # 32 tokens do not fit on one line of an 8-inch figure
     assert ax.get_title() == "review"
     _render(fig, tmp_path)
+    _, plain = vis.plot_attributions(attr, tokens=tokens, show_colorbar=False)  # no colour key
+    assert [t.get_text() for t in plain.texts] == tokens
     with pytest.raises(ValueError, match="attributions: expected one entry per token"):
         vis.plot_attributions(attr[:-1], tokens=tokens)
     with pytest.raises(ValueError, match="tokens"):
