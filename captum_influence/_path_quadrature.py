@@ -21,6 +21,7 @@ taken once, at the final nodes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
@@ -85,30 +86,30 @@ class _Evaluator:
     calls: torch.Tensor
     forward_mode_error: Optional[str] = None
 
-    def __call__(self, examples: torch.Tensor, alphas: torch.Tensor) -> Slopes:
-        parts = [self._chunk(e, a) for e, a in zip(examples.split(self._step(len(examples))),
-                                                    alphas.split(self._step(len(examples))))]
+    def __call__(self, examples: torch.Tensor, alphas: torch.Tensor, switches: bool = True) -> Slopes:
+        """Slopes at the points (examples[k], alphas[k]); ``switches=False`` skips the switch prediction."""
+        step = max(1, self.chunk_size or len(examples))
+        parts = [self._chunk(e, a, switches) for e, a in zip(examples.split(step), alphas.split(step))]
         self.calls += torch.bincount(examples, minlength=len(self.calls))
         return Slopes(*(torch.cat(column) for column in zip(*parts)))
 
-    def _step(self, total: int) -> int:
-        return max(1, self.chunk_size or total)
-
-    def _chunk(self, examples: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _chunk(self, examples: torch.Tensor, alphas: torch.Tensor, switches: bool) -> tuple[torch.Tensor, ...]:
         points = self.path.points(examples, alphas)
         tangents = tuple(e[examples] - s[examples] for s, e in zip(self.path.start, self.path.end))
         if self.forward_mode_error is None:
             try:
-                return self._forward_mode(examples, points, tangents)
+                return self._forward_mode(examples, points, tangents, switches)
             except (RuntimeError, NotImplementedError) as error:
                 self.forward_mode_error = str(error).split("\n")[0]
         return self._reverse_mode(examples, points, tangents)
 
-    def _forward_mode(self, examples: torch.Tensor, points: Tensors, tangents: Tensors) -> tuple[torch.Tensor, ...]:
+    def _forward_mode(
+        self, examples: torch.Tensor, points: Tensors, tangents: Tensors, switches: bool
+    ) -> tuple[torch.Tensor, ...]:
         finder = KinkFinder(len(examples), examples.device)
         with torch.no_grad(), fwAD.dual_level():
             duals = tuple(fwAD.make_dual(p, t) for p, t in zip(points, tangents))
-            with finder:
+            with finder if switches else contextlib.nullcontext():
                 out = self.path.output(examples, duals)
             value, slope = fwAD.unpack_dual(out)
         if slope is None:  # the output does not depend on the path
@@ -221,7 +222,7 @@ def _measure(evaluate: _Evaluator, pieces: Pieces, stale: torch.Tensor) -> None:
     which = stale.nonzero().flatten()
     part = pieces.select(which)
     index, examples, alphas, weights = part.rule()
-    slopes = evaluate(examples, alphas).slope
+    slopes = evaluate(examples, alphas, switches=False).slope
     integral = torch.zeros(len(which), dtype=torch.float64, device=slopes.device).index_add_(0, index, weights * slopes)
     pieces.error[which] = integral - (part.f_b - part.f_a)
 

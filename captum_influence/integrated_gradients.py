@@ -326,15 +326,41 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
         completeness_atol: float = 1e-6,
         max_steps: int = 4096,
     ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
-        """IG of the output chosen by ``target`` (Captum's forms) with respect to ``inputs``.
+        """IG of the output chosen by ``target`` with respect to ``inputs``.
 
-        n_steps: quadrature steps, or "auto" to refine each example until |delta| <=
-        completeness_rtol * |F(x) - F(x')| + completeness_atol (rtol 1e-3 by default), doubling up to
-        ``max_steps``. Examples still missing the tolerance raise a ``CompletenessWarning``
-        (also with a fixed n_steps when ``completeness_rtol`` is given). ``internal_batch_size``
-        bounds the path points per gradient call. The returned delta always measures the
-        integral, sum((x - x') * avg grad), also when ``multiply_by_inputs=False``. NaN or inf in
-        ``inputs`` or ``baselines`` raises with the examples (their attributions would be NaN)."""
+        IG_i(x) = (x_i - x'_i) * int_0^1 dF(x' + a (x - x'))/dx_i da, by quadrature; completeness
+        delta = sum_i IG_i(x) - (F(x) - F(x')) is measured for every example (``self.convergence``).
+
+        Args:
+            inputs: a tensor (B, ...) or a tuple of tensors, all with the batch first.
+            baselines: x', Captum's forms: None (zeros), a number, a tensor shaped like the inputs or
+                broadcastable to them (one per example or one for all), or a tuple of these.
+            target: the output index per example, Captum's forms (an int, a tuple of indices, a list
+                or tensor with one per example, or None for a scalar output per example).
+            additional_forward_args: further arguments of ``forward_func``, after the inputs; tensors
+                with the batch first are taken per example, anything else as is.
+            n_steps: quadrature nodes per example, or "auto": the path is cut where a ReLU, max-pool,
+                clamp or abs switches and each smooth piece refined until |delta| <=
+                completeness_rtol * |F(x) - F(x')| + completeness_atol.
+            method: Captum's quadrature for an int ``n_steps`` ("gausslegendre", "riemann_left", ...);
+                "auto" needs "gausslegendre".
+            internal_batch_size: path points per forward/backward call (all at once when None); bounds memory.
+            return_convergence_delta: also return delta, one per example.
+            completeness_rtol: tolerance of the completeness check (1e-3 when None). With an int
+                ``n_steps`` it is checked only when given; examples missing it raise a
+                ``CompletenessWarning`` that names the cause.
+            completeness_atol: absolute part of the tolerance, for outputs that barely change.
+            max_steps: most gradient evaluations per example under "auto".
+
+        Returns:
+            The attributions, shaped like ``inputs`` (a tuple when a tuple was given), and delta
+            (B,) with ``return_convergence_delta=True``. Delta always measures the integral,
+            sum((x - x') * mean grad), also when ``multiply_by_inputs=False``.
+
+        Raises:
+            ValueError: NaN or inf in ``inputs`` or ``baselines``, outputs or gradients that are not finite
+                on the path, inputs of another dtype than the model's parameters, or bad settings.
+        """
         _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
         x, as_tuple = format_inputs(inputs)
         n = x[0].shape[0]
@@ -447,10 +473,19 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
         completeness_atol: float = 1e-6,
         max_steps: int = 4096,
     ) -> Union[torch.Tensor, Tensors, tuple[Union[torch.Tensor, Tensors], torch.Tensor]]:
-        """Layer IG of the output chosen by ``target``; shaped like the layer's value (a tensor when it is one).
+        """Layer IG of the output chosen by ``target``: LIG_j = (a_j(x) - a_j(x')) * int_0^1 dF/da_j da.
 
-        Arguments as in ``IntegratedGradients.attribute``; inputs may be integer (token ids) since
-        the path runs through the layer's values."""
+        Args:
+            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size,
+            return_convergence_delta, completeness_rtol, completeness_atol, max_steps: as in
+                ``IntegratedGradients.attribute``; inputs may be integers (token ids), since the path
+                runs through the layer's values.
+            attribute_to_layer_input: attribute to the layer's input instead of its output.
+
+        Returns:
+            The attributions shaped like the layer's value (a tuple when the layer returns one), and
+            delta (B,) with ``return_convergence_delta=True``.
+        """
         _check_settings(n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps)
         x, _ = format_inputs(inputs, floating=False)
         _check_finite(x, "inputs")

@@ -333,3 +333,161 @@ def test_inputs_of_another_dtype_than_the_model_name_both():
     with pytest.raises(ValueError, match=r"inputs: dtype torch.float32, but the model's parameters are torch.float64"):
         ci.IntegratedGradients(double).attribute(torch.randn(2, 3), target=0)
     ci.IntegratedGradients(double).attribute(torch.randn(2, 3, dtype=torch.float64), target=0)
+
+
+def _relu_mlp_ig(layers, x, baseline, target):
+    """Closed-form IG of a ReLU MLP's logit: along the path every pre-activation is linear between the
+    points where one of them changes sign, so the gradient is constant there; walk those points in order."""
+    (w1, b1), (w2, b2), (w3, _) = [(m.weight.detach(), m.bias.detach()) for m in layers]
+    direction = x - baseline
+    alpha, total = 0.0, torch.zeros_like(x)
+    while alpha < 1:
+        z = baseline + alpha * direction
+        h1, dh1 = w1 @ z + b1, w1 @ direction
+        m1 = h1 + 1e-9 * dh1 > 0  # the sign just ahead: a unit the last step stopped on may sit at -1e-17
+        h2, dh2 = w2 @ (m1 * h1) + b2, w2 @ (m1 * dh1)
+        m2 = h2 + 1e-9 * dh2 > 0
+        steps = torch.cat([-h1 / dh1, -h2 / dh2])
+        ahead = steps[steps > 1e-9]
+        end = min(1.0, alpha + float(ahead.min())) if len(ahead) else 1.0
+        grad = ((w3[target] * m2) @ w2 * m1) @ w1
+        total += (end - alpha) * grad
+        alpha = end
+    return direction * total
+
+
+def test_auto_is_exact_on_a_relu_mlp_in_logits():
+    torch.manual_seed(3)
+    layers = [nn.Linear(6, 24), nn.Linear(24, 16), nn.Linear(16, 3)]
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2]).double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64) * 2
+    baselines = torch.randn(5, 6, dtype=torch.float64) * 0.1
+    target = [0, 1, 2, 0, 1]
+    ig = ci.IntegratedGradients(model)
+    ours = ig.attribute(x, baselines, target=target, n_steps="auto", completeness_rtol=1e-10, completeness_atol=0.0)
+    exact = torch.stack([_relu_mlp_ig(layers, x[b], baselines[b], target[b]) for b in range(5)])
+    torch.testing.assert_close(ours, exact, atol=1e-6, rtol=0)
+    assert ig.convergence.converged.all() and (ig.convergence.pieces > 1).all()
+    # Fixed Gauss-Legendre steps do not get there: the integrand jumps at every switch.
+    fixed = CaptumIG(model).attribute(x, baselines, target=target, n_steps=200)
+    assert (fixed - exact).abs().max() > 1e-5
+
+
+@pytest.fixture(scope="module")
+def relu_cnn():
+    """Two 3x3 convolutions with ReLU and max-pooling, logits scaled by 3, trained on digits."""
+    torch.manual_seed(1)
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(3):
+        for idx in torch.randperm(len(x)).split(128):
+            opt.zero_grad()
+            F.cross_entropy(3 * net(x[idx]), y[idx]).backward()
+            opt.step()
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inputs):
+            return 3 * self.net(inputs)
+
+    return Scaled().eval(), x[-6:], y[-6:]
+
+
+def _relative_errors(attr, forward, x, baselines, y):
+    with torch.no_grad():
+        change = forward(x)[torch.arange(len(y)), y] - forward(baselines)[torch.arange(len(y)), y]
+    return (attr.reshape(len(y), -1).sum(1).double() - change.double()).abs() / change.double().abs()
+
+
+@pytest.mark.parametrize("space", ["logits", "probs"])
+def test_auto_reaches_completeness_on_a_relu_cnn_with_max_pooling(relu_cnn, space):
+    model, x, y = relu_cnn
+    forward = ci.select_output(model, space)
+    baselines = torch.zeros_like(x)
+    attr = ci.IntegratedGradients(forward).attribute(x, target=y, n_steps="auto")
+    assert _relative_errors(attr, forward, x, baselines, y).max() <= 1e-3
+    captum = CaptumIG(forward).attribute(x, target=y, n_steps=50)
+    assert _relative_errors(captum, forward, x, baselines, y).max() > 1e-3
+
+
+def test_layer_ig_auto_reaches_completeness_in_probs(relu_cnn):
+    model, x, y = relu_cnn
+    forward = ci.select_output(model, "probs")
+    lig = ci.LayerIntegratedGradients(forward, model.net[2])  # the first ReLU's output
+    attr = lig.attribute(x, target=y, n_steps="auto")
+    assert attr.shape == (6, 8, 8, 8)
+    assert _relative_errors(attr, forward, x, torch.zeros_like(x), y).max() <= 1e-3
+    assert lig.convergence.converged.all()
+    # At fixed steps the same layer attributions equal Captum's.
+    ours = lig.attribute(x, target=y, n_steps=20)
+    torch.testing.assert_close(ours, CaptumLIG(forward, model.net[2]).attribute(x, target=y, n_steps=20),
+                               atol=1e-5, rtol=1e-4)
+
+
+class _CubeWithoutForwardMode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+def test_auto_without_forward_mode_derivatives_still_converges():
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 2)
+
+    def forward(x):
+        return torch.tanh(_CubeWithoutForwardMode.apply(linear(x)))
+
+    x = torch.randn(3, 4)
+    ig = ci.IntegratedGradients(forward)
+    attr = ig.attribute(x, target=1, n_steps="auto")
+    with torch.no_grad():
+        change = forward(x)[:, 1] - forward(torch.zeros_like(x))[:, 1]
+    assert ((attr.sum(1) - change).abs() <= 1e-3 * change.abs() + 1e-6).all()
+
+
+def test_non_convergence_names_random_modules_first():
+    model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).train()
+    x = torch.randn(4, 5)
+    ig = ci.IntegratedGradients(model)
+    with pytest.warns(CompletenessWarning, match="two identical calls differ") as record:
+        ig.attribute(x, target=0, n_steps="auto", max_steps=64)
+    assert "use n_steps='auto'" not in str(record[0].message)
+    assert all("identical calls" in cause for cause in ig.convergence.causes.values())
+
+
+def test_non_convergence_names_an_unresolved_kink():
+    def forward(x):  # a step: F jumps where the sum of x crosses 1, which no quadrature can integrate
+        return torch.where(x.sum(1, keepdim=True) > 1.0, 1.0, 0.0) + 0.1 * x[:, :1]
+
+    x = torch.full((2, 3), 1.0)
+    ig = ci.IntegratedGradients(forward)
+    with pytest.warns(CompletenessWarning, match="kink it could not resolve between alpha=0.33") as record:
+        ig.attribute(x, target=0, n_steps="auto", max_steps=256)
+    assert "use n_steps='auto'" not in str(record[0].message)
+    assert ig.convergence.not_converged == [0, 1]
+
+
+def test_fixed_steps_warning_suggests_auto():
+    model = nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
+    with pytest.warns(CompletenessWarning, match="use n_steps='auto'"):
+        ci.IntegratedGradients(model).attribute(torch.randn(4, 5) * 3, target=0, n_steps=2, completeness_rtol=1e-6)
+
+
+def test_auto_needs_gauss_legendre():
+    with pytest.raises(ValueError, match="method: n_steps='auto' integrates .* got method 'riemann_left'"):
+        ci.IntegratedGradients(mlp()).attribute(torch.randn(2, 5), target=0, n_steps="auto", method="riemann_left")
