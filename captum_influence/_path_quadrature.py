@@ -11,12 +11,12 @@ evaluated at its ends (in forward mode, which also gives dF/da at the nodes):
 
     r = (b - a) sum_k w_k dF/da(a + (b - a) x_k) - (F(b) - F(a)).
 
-Pieces are refined until sum |r| <= tol / 2 for every example, tol = rtol |F(z) - F(z')| + atol:
-a piece with a switch inside (``KinkFinder`` predicts the first one ahead of its left end) is cut
-at that switch when it lies in its first half, and in the middle otherwise (the left half is then
-smooth); a smooth piece gets twice the nodes, up to eight, and is halved after that. Switches whose
-jumps are too small to matter are never visited. The gradients that form the attributions are
-taken once, at the final nodes.
+Pieces are refined until sum |r| <= tol / 2 for every example, tol = rtol |F(z) - F(z')| + atol,
+largest errors first, as many as leave at most tol / 2 in the others: a piece with a switch inside
+(``KinkFinder`` predicts the first one ahead of its left end) is halved, and also cut at that switch
+when it lies in the first half, so the piece before it is smooth; a smooth piece gets twice the
+nodes, up to eight, and is halved after that. Switches whose jumps are too small to matter are
+never visited. The gradients that form the attributions are taken once, at the final nodes.
 """
 
 from __future__ import annotations
@@ -252,11 +252,9 @@ def integrate_pieces(
         open_ = ((per_example(size) > tolerance) | (per_example(error).abs() > tolerance)) & ~stopped
         if not open_.any():
             break
-        worst = _per_example_max(size, pieces.example, n)
-        # Each piece may spend its width's share of the tolerance; an error below tol / (4 most_nodes) is
-        # negligible whatever the width (there are at most most_nodes pieces).
-        share = tolerance[pieces.example] * (pieces.b - pieces.a).clamp_min(0.25 / most_nodes)
-        chosen = open_[pieces.example] & (size > 0) & ((size > share) | (size >= 0.5 * worst[pieces.example]))
+        # Refine the fewest largest-error pieces such that the rest add up to at most half the
+        # tolerance: the next round can then converge, and few rounds are needed.
+        chosen = open_[pieces.example] & ~_within_budget(size, pieces.example, 0.5 * tolerance)
         # A jump in F itself never shrinks with the piece: stop at pieces too short to split.
         stopped[pieces.example[chosen & (pieces.b - pieces.a < 4 * MIN_STEP)]] = True
         # Doubling adds a piece's nodes, bisecting adds none; counted as doubling, to bound the loop too.
@@ -272,27 +270,49 @@ def integrate_pieces(
     return Quadrature(pieces, evaluate.calls, stopped, evaluate.forward_mode_error)
 
 
+def _within_budget(size: torch.Tensor, example: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """The smallest pieces of each example whose sizes add up to at most its ``budget``."""
+    order = torch.argsort(size, stable=True)
+    order = order[torch.argsort(example[order], stable=True)]  # by example, then by size ascending
+    running = size[order].cumsum(0)
+    counts = torch.bincount(example, minlength=len(budget))
+    before = torch.cat([running.new_zeros(1), running])[(counts.cumsum(0) - counts)]  # sum of earlier examples
+    within = torch.empty_like(size, dtype=torch.bool)
+    within[order] = running - before[example[order]] <= budget[example[order]]
+    return within
+
+
 def _per_example_max(values: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).scatter_reduce_(
         0, example, values, "amax", include_self=False)
 
 
 def _refine(evaluate: _Evaluator, pieces: Pieces, chosen: torch.Tensor) -> Pieces:
-    """Cut chosen pieces at their first switch (in their first half) or in the middle (switch further on, or
-    a smooth piece at ``_MOST_NODES``); double the nodes of the other chosen ones."""
+    """Halve the chosen pieces that have a switch inside, and also cut them at their first switch when it lies
+    in their first half (the piece before it is smooth); double the nodes of chosen smooth pieces below
+    ``_MOST_NODES``, and halve them after that."""
     width = pieces.b - pieces.a
-    smooth = pieces.next_switch >= width
-    more = chosen & smooth & (pieces.nodes < _MOST_NODES)
+    more = chosen & (pieces.next_switch >= width) & (pieces.nodes < _MOST_NODES)
     pieces.nodes[more] *= 2
     pieces.error[more] = float("nan")
     split = chosen & ~more
     if not split.any():
         return pieces
     halves = pieces.select(split)
-    at_switch = halves.next_switch < (halves.b - halves.a) / 2
-    cut = torch.where(at_switch, halves.a + halves.next_switch, (halves.a + halves.b) / 2)
-    here = evaluate(halves.example, cut)
-    nodes = torch.where(at_switch, halves.nodes, (halves.nodes // 2).clamp_min(1))
-    left = Pieces(halves.example, halves.a, cut, halves.f_a, here.value, nodes, halves.next_switch)
-    right = Pieces(halves.example, cut, halves.b, here.value, halves.f_b, nodes.clone(), here.next_switch)
-    return Pieces.join([pieces.select(~split), left, right])
+    middle = (halves.a + halves.b) / 2
+    nodes = (halves.nodes // 2).clamp_min(1)
+    switch = halves.a + halves.next_switch
+    early = switch < middle
+    cuts = torch.cat([middle, switch[early]])
+    owners = torch.cat([torch.arange(len(middle)), early.nonzero().flatten()])
+    at = evaluate(halves.example[owners], cuts)
+    k = len(middle)
+    mid_value, mid_switch, first_value, first_switch = at.value[:k], at.next_switch[:k], at.value[k:], at.next_switch[k:]
+    right = Pieces(halves.example, middle, halves.b, mid_value, halves.f_b, nodes, mid_switch)
+    left_value = mid_value.clone()
+    left_value[early] = first_value
+    left = Pieces(halves.example, halves.a, torch.where(early, switch, middle), halves.f_a, left_value, nodes.clone(),
+                  halves.next_switch)
+    e = early.nonzero().flatten()
+    between = Pieces(halves.example[e], switch[e], middle[e], first_value, mid_value[e], nodes[e].clone(), first_switch)
+    return Pieces.join([pieces.select(~split), left, between, right])
