@@ -40,8 +40,8 @@ EPOCHS = 60
 TRACIN_CHECKPOINTS = 5
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 10))
+def mlp(hidden: int = HIDDEN) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
 def digits(n_train: int, n_targets: int):
@@ -54,10 +54,10 @@ def digits(n_train: int, n_targets: int):
     return x[train], y[train], x[test], y[test]
 
 
-def train(x, y, seed: int, on_epoch=None) -> nn.Module:
+def train(x, y, seed: int, on_epoch=None, hidden: int = HIDDEN) -> nn.Module:
     """Minibatch Adam with weight decay; ``on_epoch(model, epoch)`` sees the model after each epoch."""
     torch.manual_seed(seed)
-    model = mlp()
+    model = mlp(hidden)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(EPOCHS):
@@ -77,7 +77,7 @@ def margins(model: nn.Module, x, y) -> torch.Tensor:
     return correct - logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
 
 
-def ground_truth(xtr, ytr, xte, yte, n_subsets: int):
+def ground_truth(xtr, ytr, xte, yte, n_subsets: int, hidden: int = HIDDEN):
     """Masks (m, n_train) of random halves and the target margins (m, n_targets) of models trained on them."""
     rng = np.random.default_rng(1)
     masks = np.zeros((n_subsets, len(ytr)), dtype=bool)
@@ -85,7 +85,7 @@ def ground_truth(xtr, ytr, xte, yte, n_subsets: int):
     for j in range(n_subsets):
         masks[j, rng.choice(len(ytr), len(ytr) // 2, replace=False)] = True
         idx = torch.from_numpy(np.flatnonzero(masks[j]))
-        outputs[j] = margins(train(xtr[idx], ytr[idx], seed=1000 + j), xte, yte).numpy()
+        outputs[j] = margins(train(xtr[idx], ytr[idx], seed=1000 + j, hidden=hidden), xte, yte).numpy()
     return masks, outputs
 
 

@@ -246,7 +246,10 @@ def test_auto_projection_dim_follows_the_parameter_count(small_mlp):
     model, states, train_set, _ = small_mlp
     assert ci.TRAK(model, train_set, states).projection_dim is None  # 212 parameters: exact
     assert ci.TRAK(model, train_set, states, layers=[model[2]]).feature_dim == 68
-    wide = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 4))
+    # 3,904 parameters: a projection to 2048 would save less than half of them, exact gradients
+    middle = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 4))
+    assert ci.TRAK(middle, train_set, [middle.state_dict()]).projection_dim is None
+    wide = nn.Sequential(nn.Linear(8, 600), nn.ReLU(), nn.Linear(600, 4))  # 7,804 parameters
     trak = ci.TRAK(wide, train_set, [wide.state_dict()])
     assert (trak.projection_dim, trak.feature_dim) == (2048, 2048)
     with pytest.warns(UserWarning, match="projection_dim: 2048 features for 300 training examples"):
