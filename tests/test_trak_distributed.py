@@ -44,9 +44,8 @@ def results(store_dir) -> dict:
 
 
 def store_contents(store: Path) -> dict:
-    """Every array and tensor file of a store, by name; left out are the metadata and the per-batch
-    checksums, which are bookkeeping of the process that wrote each batch."""
-    arrays = [f for f in sorted(store.glob("*.npy")) if not f.name.endswith(".sums.npy")]
+    """Every array and tensor file of a store, by name (per-batch checksums included); left out is the metadata."""
+    arrays = sorted(store.glob("*.npy"))
     contents = {f.name: torch.from_numpy(np.load(f)) for f in arrays}
     contents.update({f.name: torch.load(f) for f in sorted(store.glob("*.pt"))})
     return contents

@@ -200,6 +200,7 @@ def fill_rows_sharded(
     if store is not None:
         shared_array(store, name, (n_rows, dim), np_dtype)
         shared_array(store, f"{name}.done", (n_batches,), np.uint8)
+        shared_array(store, f"{name}.sums", (n_batches, 3), np.uint64)
     out = fill_rows(
         items,
         compute,
