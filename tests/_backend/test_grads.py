@@ -5,6 +5,7 @@ from torch import nn
 
 import captum_influence as ci
 from captum_influence._backend import VmapUnsupportedError
+from helpers import neg_ce_fn
 
 
 def loop_grads(model, fn, inputs, names):
@@ -18,9 +19,6 @@ def loop_grads(model, fn, inputs, names):
         rows.append(torch.autograd.grad(out, [table[n] for n in names], allow_unused=True))
     return {n: torch.stack([r[i] if r[i] is not None else torch.zeros_like(table[n]) for r in rows]) for i, n in enumerate(names)}
 
-
-def ce_fn(model, x, y):
-    return -F.cross_entropy(model(x), y, reduction="none")
 
 
 class ConvNet(nn.Module):
@@ -79,15 +77,15 @@ def test_conv_batchnorm_linear_matches_loop():
     model = _bn_model()
     x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
     names = [n for n, _ in model.named_parameters()]
-    assert_grads_equal(ci.per_example_grads(model, ce_fn, (x, y)), loop_grads(model, ce_fn, (x, y), names))
+    assert_grads_equal(ci.per_example_grads(model, neg_ce_fn, (x, y)), loop_grads(model, neg_ce_fn, (x, y), names))
 
 
 def test_embedding_layernorm_attention_matches_loop():
     model = AttnNet().double().eval()
     tokens, y = torch.randint(0, 20, (5, 7)), torch.randint(0, 3, (5,))
     names = [n for n, _ in model.named_parameters()]
-    ours = ci.per_example_grads(model, ce_fn, (tokens, y))
-    assert_grads_equal(ours, loop_grads(model, ce_fn, (tokens, y), names))
+    ours = ci.per_example_grads(model, neg_ce_fn, (tokens, y))
+    assert_grads_equal(ours, loop_grads(model, neg_ce_fn, (tokens, y), names))
     assert ours["emb.weight"].abs().sum() > 0
 
 
@@ -106,12 +104,12 @@ def test_dict_and_keyword_inputs_match_loop():
 def test_param_selection_and_chunking_give_same_numbers():
     model = _bn_model()
     x, y = torch.randn(7, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (7,))
-    full = ci.per_example_grads(model, ce_fn, (x, y))
-    by_module = ci.per_example_grads(model, ce_fn, (x, y), params=[model.fc, "bn.weight"], chunk_size=3)
+    full = ci.per_example_grads(model, neg_ce_fn, (x, y))
+    by_module = ci.per_example_grads(model, neg_ce_fn, (x, y), params=[model.fc, "bn.weight"], chunk_size=3)
     assert list(by_module) == ["bn.weight", "fc.weight", "fc.bias"]
     for name, g in by_module.items():
         assert torch.equal(g, full[name]) or (g - full[name]).abs().max() < 1e-12
-    chunked = ci.per_example_grads(model, ce_fn, (x, y), chunk_size=2)
+    chunked = ci.per_example_grads(model, neg_ce_fn, (x, y), chunk_size=2)
     assert_grads_equal(chunked, full, tol=1e-12)
 
 
@@ -169,24 +167,24 @@ def test_vmap_failure_names_module_and_falls_back_to_same_numbers():
     model = ItemModel().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
     with pytest.raises(VmapUnsupportedError, match="gate"):
-        ci.per_example_grads(model, ce_fn, (x, y), fallback="error", method="vmap")
+        ci.per_example_grads(model, neg_ce_fn, (x, y), fallback="error", method="vmap")
     with pytest.warns(UserWarning, match="gate"):
-        ours = ci.per_example_grads(model, ce_fn, (x, y), method="vmap")
-    assert_grads_equal(ours, loop_grads(model, ce_fn, (x, y), [n for n, _ in model.named_parameters()]))
+        ours = ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap")
+    assert_grads_equal(ours, loop_grads(model, neg_ce_fn, (x, y), [n for n, _ in model.named_parameters()]))
 
 
 def test_bad_inputs_raise_naming_the_argument():
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match="inputs"):
-        ci.per_example_grads(model, ce_fn, (x, y[:3]))
+        ci.per_example_grads(model, neg_ce_fn, (x, y[:3]))
     with pytest.raises(ValueError, match="params"):
-        ci.per_example_grads(model, ce_fn, (x, y), params=["nothing"])
+        ci.per_example_grads(model, neg_ce_fn, (x, y), params=["nothing"])
     with pytest.raises(ValueError, match="params"):
-        ci.per_example_grads(model, ce_fn, (x, y), params=[nn.Linear(3, 2)])
+        ci.per_example_grads(model, neg_ce_fn, (x, y), params=[nn.Linear(3, 2)])
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="chunk_size"):
-            ci.per_example_grads(model, ce_fn, (x, y), chunk_size=bad)
+            ci.per_example_grads(model, neg_ce_fn, (x, y), chunk_size=bad)
     with pytest.raises(ValueError, match="fn"):
         ci.per_example_grads(model, lambda m, x, y: m(x), (x, y))
     bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()

@@ -20,12 +20,10 @@ from captum_influence._backend.sharding import (
     topk_sharded,
 )
 from captum_influence._data import iter_batches
+from helpers import neg_ce_fn
 
 N, BATCH, K, BLOCK = 45, 4, 16, 8  # 12 batches, the last one short; 6 key blocks
 
-
-def ce_fn(model, x, y):
-    return -F.cross_entropy(model(x), y, reduction="none")
 
 
 def problem():
@@ -54,13 +52,13 @@ def worker(rank: int, world: int, tmp: str, run: str, die_after) -> None:
             if die_after is not None and rank == 1 and len(computed) == die_after:
                 os._exit(3)  # killed midway, after its first batches were flushed
             computed.append(start)
-            return lg.project(ce_fn, batch, projector)
+            return lg.project(neg_ce_fn, batch, projector)
 
         store = FeatureStore(Path(tmp) / "store", {"k": K, "seed": 3})
         feats = fill_rows_sharded(loader, compute, n_rows=N, dim=K, store=store, batches=with_start)
         into_store = list(computed)
         in_memory = fill_rows_sharded(loader, compute, n_rows=N, dim=K, batches=with_start)
-        q = lg.project(ce_fn, test, projector)
+        q = lg.project(neg_ce_fn, test, projector)
         out = {
             "computed": into_store,
             "features": torch.from_numpy(np.array(feats)),
@@ -104,9 +102,9 @@ def test_two_gloo_ranks_equal_one_process_and_resume_after_a_kill(tmp_path):
     torch.set_num_threads(1)
     try:
         lg = LayerGrads(model)
-        ref = fill_rows(with_start(iter_batches(loader)), lambda item: lg.project(ce_fn, item[1], projector),
+        ref = fill_rows(with_start(iter_batches(loader)), lambda item: lg.project(neg_ce_fn, item[1], projector),
                         n_rows=N, dim=K, n_batches=len(loader))
-        q = lg.project(ce_fn, test, projector)
+        q = lg.project(neg_ce_fn, test, projector)
         ref_scores = scores(q, ref, block_size=BLOCK)
         ref_weighted = scores(q, ref, block_size=BLOCK, transform=lambda b, s, e: b * torch.arange(s, e))
         ref_top = topk(q, ref, 5, block_size=BLOCK)
