@@ -54,6 +54,8 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device: {device!r} was asked for but MPS is not available; expected 'cpu' or None.")
     return resolved
+
+
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
@@ -117,8 +119,12 @@ class GradientFeatureInfluence(DataInfluence):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module; got {type(model).__name__}.")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not math.isfinite(timeout) or timeout <= 0):
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
             raise ValueError(f"timeout: expected a positive number of seconds or None; got {timeout!r}.")
         #: under torch.distributed, the longest wait for the other ranks at a collective; then a
         #: TimeoutError names the ranks that did not answer (None: the process group's timeout)
@@ -166,9 +172,7 @@ class GradientFeatureInfluence(DataInfluence):
             batches = [(0, tuple(inputs))]
             labels = batches[0][1][-1]
             if hasattr(labels, "__len__") and len(labels) == 0:
-                raise ValueError(
-                    "inputs: the batch is empty (labels of length 0); expected at least one test example."
-                )
+                raise ValueError("inputs: the batch is empty (labels of length 0); expected at least one test example.")
         for _, batch in batches:
             self._check_shapes(batch)
         n = sum(len(batch[-1]) for _, batch in batches)
@@ -215,8 +219,16 @@ class GradientFeatureInfluence(DataInfluence):
                 yield start, (start, to_device(batch, self.device))
 
         return fill_rows_sharded(
-            self.train_loader, compute, n_rows=n_rows, dim=dim, store=self.store, name=name,
-            batches=on_device, show_progress=self.show_progress, desc=desc, dtype=dtype,
+            self.train_loader,
+            compute,
+            n_rows=n_rows,
+            dim=dim,
+            store=self.store,
+            name=name,
+            batches=on_device,
+            show_progress=self.show_progress,
+            desc=desc,
+            dtype=dtype,
         )
 
     # --- the two feature maps -------------------------------------------------------------
@@ -300,10 +312,13 @@ class GradientFeatureInfluence(DataInfluence):
 
     @staticmethod
     def _rowwise_scores(
-        queries: Features, keys: Features, weights: Optional[torch.Tensor], block_size: int = 8192,
+        queries: Features,
+        keys: Features,
+        weights: Optional[torch.Tensor],
+        block_size: int = 8192,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Self-influence style scores <q_i, k_i> * w_i for aligned rows (tensors or memmaps), a block of rows at a time."""
+        """Self-influence style scores <q_i, k_i> * w_i for aligned rows (tensors or memmaps), a block at a time."""
         out = torch.empty(queries.shape[0], dtype=dtype)
         for start in range(0, queries.shape[0], block_size):
             stop = min(start + block_size, queries.shape[0])

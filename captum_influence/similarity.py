@@ -88,7 +88,8 @@ def euclidean_distance(test: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
         tensor([[5., 1.]])
     """
     return torch.cdist(
-        test.reshape(test.shape[0], -1), train.reshape(train.shape[0], -1),
+        test.reshape(test.shape[0], -1),
+        train.reshape(train.shape[0], -1),
         compute_mode="donot_use_mm_for_euclid_dist",
     )
 
@@ -183,7 +184,9 @@ def _data_identity(dataset: Dataset, n: int) -> dict:
         _digest(_model_inputs(dataset[index]), h)
     return {
         "class": f"{type(dataset).__module__}.{type(dataset).__qualname__}",
-        "n": n, "sampled": len(picks), "inputs_sha256": h.hexdigest(),
+        "n": n,
+        "sampled": len(picks),
+        "inputs_sha256": h.hexdigest(),
     }
 
 
@@ -340,7 +343,7 @@ class SimilarityInfluence(DataInfluence):
     # --- source activations -----------------------------------------------------------------
 
     def _device(self) -> torch.device:
-        tensor = next(iter(self.module.parameters()), None)
+        tensor: Optional[torch.Tensor] = next(iter(self.module.parameters()), None)
         tensor = tensor if tensor is not None else next(iter(self.module.buffers()), None)
         return tensor.device if tensor is not None else torch.device("cpu")
 
@@ -392,9 +395,16 @@ class SimilarityInfluence(DataInfluence):
             return out.reshape(out.shape[0], -1)
 
         return fill_rows(
-            self._source_batches(device), compute, n_rows=self.n_src, dim=int(np.prod(shape)),
-            n_batches=len(self.influence_src_dataloader), store=store, name="activations", dtype=dtype,
-            show_progress=self.show_progress, desc=f"activations of {layer}",
+            self._source_batches(device),
+            compute,
+            n_rows=self.n_src,
+            dim=int(np.prod(shape)),
+            n_batches=len(self.influence_src_dataloader),
+            store=store,
+            name="activations",
+            dtype=dtype,
+            show_progress=self.show_progress,
+            desc=f"activations of {layer}",
         )
 
     # --- similarities -------------------------------------------------------------------------
@@ -432,7 +442,7 @@ class SimilarityInfluence(DataInfluence):
                 zero_pairs.append(pairs + torch.tensor([0, start], device=pairs.device))
             yield start, similarity
 
-    def influence(  # type: ignore[override]
+    def influence(
         self,
         inputs: Union[torch.Tensor, tuple[Any, ...]],
         top_k: int = 1,
@@ -493,7 +503,8 @@ class SimilarityInfluence(DataInfluence):
                 keys = self._source_activations(layer, tuple(queries.shape[1:]), dtype, identity, load_src_from_disk)
                 zero_pairs: list[torch.Tensor] = []
                 values, indices = merge_topk(
-                    self._similarity_blocks(layer, queries, keys, zero_pairs), min(top_k, self.n_src),
+                    self._similarity_blocks(layer, queries, keys, zero_pairs),
+                    min(top_k, self.n_src),
                     largest=self.similarity_direction == "max",
                 )
                 influences[layer] = KMostInfluentialResults(indices, values)
@@ -503,7 +514,8 @@ class SimilarityInfluence(DataInfluence):
                         f"layers: layer {layer!r} has zero activation vectors, whose cosine similarity is "
                         f"undefined; their {len(zero)} [test_index, source_index] pairs got replace_nan="
                         f"{self.replace_nan} and are listed under 'zero_acts-{layer}'.",
-                        RuntimeWarning, stacklevel=2,
+                        RuntimeWarning,
+                        stacklevel=2,
                     )
                     influences[f"zero_acts-{layer}"] = zero[torch.argsort(zero[:, 0] * self.n_src + zero[:, 1])]
         return influences

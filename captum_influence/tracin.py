@@ -23,7 +23,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union, cast
 
 import torch
 from captum.influence._utils.common import KMostInfluentialResults
@@ -33,13 +33,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
 from ._backend import (
-    LayerGrads, Projector, VmapUnsupportedError, batch_size_of, fill_rows, param_shapes, select_param_names,
+    LayerGrads,
+    Projector,
+    VmapUnsupportedError,
+    batch_size_of,
+    fill_rows,
+    param_shapes,
+    select_param_names,
 )
 from ._backend.layer_rules import factorised_norms, factorised_scores, rule_for
 from ._backend.sharding import iter_loader_shard, scores_sharded, topk_sharded
 from ._checkpoints import LoadFunc
 from ._data import call_model, logits_of, split_batch, to_device
-from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
+from ._influence import Features, GradientFeatureInfluence, check_scores, keeps_model_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProjectionDim = Union[int, str, None]
@@ -156,8 +162,14 @@ class _TracInBase(GradientFeatureInfluence):
         timeout: Optional[float],
     ):
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func,
-            batch_size=batch_size, device=device, show_progress=show_progress, timeout=timeout,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            batch_size=batch_size,
+            device=device,
+            show_progress=show_progress,
+            timeout=timeout,
         )
         self._default_loss = loss_fn is None
         self.loss_fn = _check_loss_fn(loss_fn)
@@ -191,12 +203,19 @@ class _TracInBase(GradientFeatureInfluence):
             yield
         finally:
             self._bars = before
+
     # --- the layout of a row, chosen on the first batch -------------------------------------
 
     @property
     def projector(self) -> Optional[Projector]:
         """The Projector of the explicit gradients (None: exact), set on the first pass over data."""
         return self._layout.projector if self._layout is not None else None
+
+    @property
+    def _chosen_layout(self) -> _Layout:
+        """The layout, once the first pass over data (``_stack``) has chosen it."""
+        assert self._layout is not None, "the layout is chosen on the first pass over data"
+        return self._layout
 
     def _candidates(self) -> list[str]:
         """Matrix layers (Linear) whose gradients may be kept as factors."""
@@ -256,6 +275,7 @@ class _TracInBase(GradientFeatureInfluence):
         k = self.projection_dim
         if k == "auto":
             k = _AUTO_PROJECTION_DIM if layout.explicit_dim > _AUTO_EXACT_DIM else None
+        assert not isinstance(k, str)  # _check_projection_dim lets "auto" be the only string
         if k is not None and explicit:
             layout.projector = Projector(shapes, k, seed=self.seed, device=self.device)
         return layout
@@ -266,21 +286,30 @@ class _TracInBase(GradientFeatureInfluence):
 
     # --- rows ------------------------------------------------------------------------------
 
-    def _rows(self, item: tuple[int, tuple], *, weight: float, index: int, arg: str, explicit: bool = False,
-              loss: Optional[Callable] = None) -> torch.Tensor:
+    def _rows(
+        self,
+        item: tuple[int, tuple],
+        *,
+        weight: float,
+        index: int,
+        arg: str,
+        explicit: bool = False,
+        loss: Optional[Callable] = None,
+    ) -> torch.Tensor:
         """The vectors of the batch ``item = (start, batch)`` of ``arg`` at the loaded checkpoint
         ``index``, the gradients of ``loss`` (default: the training loss) scaled by sqrt(weight).
         ``explicit``: factored layers as explicit (flattened) gradients too. Raises, naming the
         examples, when a gradient is NaN or inf."""
         start, batch = item
-        layout, root = self._layout, math.sqrt(weight)
+        layout, root = self._chosen_layout, math.sqrt(weight)
         loss = loss or self._loss
         self._check_labels(batch, self.test_loss_fn if loss == self._test_loss else self.loss_fn, arg, start)
         modules = [self.model.get_submodule(layer) for layer, *_ in layout.factored]
         with self._failures(arg, start, batch, index):
             chunk = self._engine.collect(loss, batch, factored=modules)
-        self._check_finite([x for pair in chunk.factors.values() for x in pair] + list(chunk.grads.values()),
-                           arg, start, index)
+        self._check_finite(
+            [x for pair in chunk.factors.values() for x in pair] + list(chunk.grads.values()), arg, start, index
+        )
         parts = []
         for (layer, t, _, _), module in zip(layout.factored, modules):
             a, d = chunk.factors[self._engine_path(layer)]
@@ -292,6 +321,8 @@ class _TracInBase(GradientFeatureInfluence):
                 )
             if explicit:
                 rule, _ = rule_for(module)
+                # _choose_layout factors only layers whose rule the engine's hooks cover
+                assert rule is not None and rule.from_factors is not None
                 grads = rule.from_factors(module, a, d)
                 parts.append(_gradient_vectors({attr: grads[attr] for attr in self._layer_params(layer)}, None) * root)
             else:
@@ -384,8 +415,15 @@ class _TracInBase(GradientFeatureInfluence):
         except Exception:  # only for a message: the original error is raised anyway
             return "n_classes"
 
-    def _stack(self, featurise: Callable[[Callable, int, str], torch.Tensor], first_batch: Callable[[], tuple],
-               n_rows: int, role: str, explicit: bool = False, loss: Optional[Callable] = None) -> torch.Tensor:
+    def _stack(
+        self,
+        featurise: Callable[[Callable, int, str], torch.Tensor],
+        first_batch: Callable[[], tuple],
+        n_rows: int,
+        role: str,
+        explicit: bool = False,
+        loss: Optional[Callable] = None,
+    ) -> torch.Tensor:
         """``[rows at checkpoint 1, ..., rows at checkpoint C]`` for every example: (n_rows, C * width).
 
         ``featurise(compute, width, desc)`` gives one checkpoint's (n_rows, width) rows of
@@ -400,8 +438,9 @@ class _TracInBase(GradientFeatureInfluence):
                 with self._failures(_ARGS.get(role, role), 0, batch, index):
                     self._layout = self._choose_layout(batch)
             width = self._layout.width(explicit)
-            compute = partial(self._rows, weight=weight, index=index, arg=_ARGS.get(role, role), explicit=explicit,
-                              loss=loss)
+            compute = partial(
+                self._rows, weight=weight, index=index, arg=_ARGS.get(role, role), explicit=explicit, loss=loss
+            )
             rows = featurise(compute, width, batches_desc)
             if out is None:
                 out = torch.empty(n_rows, len(self.checkpoints), width, dtype=self._dtype)
@@ -421,7 +460,9 @@ class _TracInBase(GradientFeatureInfluence):
         if self._train_cache is None:
 
             def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
-                return self._featurise_train(self.n_train, width, compute, "train", desc, dtype=self._dtype)
+                rows = self._featurise_train(self.n_train, width, compute, "train", desc, dtype=self._dtype)
+                assert isinstance(rows, torch.Tensor)  # TracIn keeps no store, so no memmap
+                return rows
 
             self._train_cache = self._stack(featurise, self._first_train_batch, self.n_train, "train")
         return self._train_cache
@@ -431,10 +472,18 @@ class _TracInBase(GradientFeatureInfluence):
         batches, n = self._test_batches(inputs)
 
         def featurise(compute: Callable, width: int, desc: str) -> torch.Tensor:
-            return fill_rows(
-                [(start, (start, batch)) for start, batch in batches], compute, n_rows=n, dim=width,
-                n_batches=len(batches), show_progress=self.show_progress, desc=desc, dtype=self._dtype,
+            rows = fill_rows(
+                [(start, (start, batch)) for start, batch in batches],
+                compute,
+                n_rows=n,
+                dim=width,
+                n_batches=len(batches),
+                show_progress=self.show_progress,
+                desc=desc,
+                dtype=self._dtype,
             )
+            assert isinstance(rows, torch.Tensor)  # no store, so no memmap
+            return rows
 
         return self._stack(featurise, lambda: batches[0][1], n, "inputs", explicit, loss or self._test_loss)
 
@@ -454,12 +503,14 @@ class _TracInBase(GradientFeatureInfluence):
         q, k = queries.reshape(nq, n_ckpt, -1), keys.reshape(nk, n_ckpt, -1)
         out = queries.new_zeros(nq, nk)
         offset = 0
-        for _, t, width_in, width_out in self._layout.factored:
+        for _, t, width_in, width_out in self._chosen_layout.factored:
             mid, stop = offset + t * width_in, offset + t * (width_in + width_out)
             for c in range(n_ckpt):
                 out += factorised_scores(
-                    q[:, c, offset:mid].reshape(nq, t, width_in), q[:, c, mid:stop].reshape(nq, t, width_out),
-                    k[:, c, offset:mid].reshape(nk, t, width_in), k[:, c, mid:stop].reshape(nk, t, width_out),
+                    q[:, c, offset:mid].reshape(nq, t, width_in),
+                    q[:, c, mid:stop].reshape(nq, t, width_out),
+                    k[:, c, offset:mid].reshape(nk, t, width_in),
+                    k[:, c, mid:stop].reshape(nk, t, width_out),
                 )
             offset = stop
         if offset < q.shape[2]:
@@ -468,10 +519,11 @@ class _TracInBase(GradientFeatureInfluence):
 
     def _key_block(self, n_queries: int) -> int:
         """Keys per score block for ``n_queries`` queries (within the element budget)."""
-        positions = max([t for _, t, _, _ in self._layout.factored], default=1)
+        positions = max([t for _, t, _, _ in self._chosen_layout.factored], default=1)
         return max(1, _BLOCK_ELEMENTS // (n_queries * positions**2))
 
-    def _score_blocks(self, queries: torch.Tensor, keys: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _score_blocks(self, queries: torch.Tensor, keys: Features) -> Iterator[tuple[int, torch.Tensor]]:
+        assert isinstance(keys, torch.Tensor)  # TracIn keeps no store: its keys are a tensor
         step = self._key_block(queries.shape[0])
         for start in range(0, keys.shape[0], step):
             yield start, self._pair_scores(queries, keys[start : start + step].to(queries.device))
@@ -483,22 +535,31 @@ class _TracInBase(GradientFeatureInfluence):
         factorised products. Under ``torch.distributed`` the key blocks are split over the ranks and
         gathered, exactly as one process computes them."""
         name = self.get_name()
-        goal = "compute influence" if k is None else f"perform computation for getting {'proponents' if proponents else 'opponents'}"
-        batches = (f"Using {name} to compute influence for training batches" if k is None
-                   else f"Using {name} to {goal}. Processing training batches")
+        goal = (
+            "compute influence"
+            if k is None
+            else f"perform computation for getting {'proponents' if proponents else 'opponents'}"
+        )
+        batches = (
+            f"Using {name} to compute influence for training batches"
+            if k is None
+            else f"Using {name} to {goal}. Processing training batches"
+        )
         with self._bar_texts(train=(f"Using {name} to {goal}. Processing checkpoint", batches)):
             keys = self._train_features()  # also fixes the layout
-        if not self._layout.factored:
+        if not self._chosen_layout.factored:
             return super()._influence(inputs, k, proponents, aggregate)
         queries = self._test_features(inputs).to(self.device)
         blocks = [queries[qs : qs + _QUERY_BLOCK] for qs in range(0, queries.shape[0], _QUERY_BLOCK)] or [queries]
 
         def scores_of(q: torch.Tensor) -> torch.Tensor:
-            return scores_sharded(q, keys, block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks,
-                                  dtype=self._dtype)
+            return scores_sharded(
+                q, keys, block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks, dtype=self._dtype
+            )
 
         if aggregate:  # factorised scores are not linear in the factors: sum the score blocks
-            total = sum(scores_of(q).sum(0, keepdim=True) for q in blocks)
+            # blocks is not empty, so the sum is a tensor, never the start value 0
+            total = cast(torch.Tensor, sum(scores_of(q).sum(0, keepdim=True) for q in blocks))
             if k is None:
                 return total
             order = torch.sort(total, dim=1, descending=bool(proponents), stable=True).indices[:, :k]
@@ -506,14 +567,20 @@ class _TracInBase(GradientFeatureInfluence):
         if k is None:
             parts = [scores_of(q) for q in blocks]
             return torch.cat(parts) if len(parts) > 1 else parts[0]
-        parts = [
+        top = [
             topk_sharded(
-                q, keys, k, largest=bool(proponents), query_block_size=_QUERY_BLOCK,
-                block_size=self._key_block(q.shape[0]), score_blocks=self._score_blocks, dtype=self._dtype,
+                q,
+                keys,
+                k,
+                largest=bool(proponents),
+                query_block_size=_QUERY_BLOCK,
+                block_size=self._key_block(q.shape[0]),
+                score_blocks=self._score_blocks,
+                dtype=self._dtype,
             )
             for q in blocks
         ]
-        return KMostInfluentialResults(torch.cat([i for _, i in parts]), torch.cat([v for v, _ in parts]))
+        return KMostInfluentialResults(torch.cat([i for _, i in top]), torch.cat([v for v, _ in top]))
 
     @keeps_model_state
     def self_influence(
@@ -532,15 +599,19 @@ class _TracInBase(GradientFeatureInfluence):
         texts = (f"{what} checkpoint", f"{what} batch")
         with self._bar_texts(train=texts, inputs=texts):
             features = self._train_features() if inputs is None else self._test_features(inputs, loss=self._loss)
-        if not self._layout.factored:
+        if not self._chosen_layout.factored:
             return self._rowwise_scores(features, features, None, dtype=self._dtype)
         n, n_ckpt = features.shape[0], len(self.checkpoints)
         out = torch.empty(n, dtype=self._dtype)
         for start in range(0, n, _QUERY_BLOCK):
-            rows = features[start : start + _QUERY_BLOCK].to(self.device, torch.float64).reshape(-1, n_ckpt, features.shape[1] // n_ckpt)
+            rows = (
+                features[start : start + _QUERY_BLOCK]
+                .to(self.device, torch.float64)
+                .reshape(-1, n_ckpt, features.shape[1] // n_ckpt)
+            )
             total = rows.new_zeros(rows.shape[0])
             offset = 0
-            for _, t, width_in, width_out in self._layout.factored:
+            for _, t, width_in, width_out in self._chosen_layout.factored:
                 mid, stop = offset + t * width_in, offset + t * (width_in + width_out)
                 for c in range(n_ckpt):
                     total += factorised_norms(
@@ -610,9 +681,19 @@ class TracInCP(_TracInBase):
         timeout: Optional[float] = None,
     ):
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
-            params=layers, batch_size=batch_size, projection_dim=projection_dim, device=device,
-            show_progress=show_progress, seed=seed, timeout=timeout,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn=loss_fn,
+            test_loss_fn=test_loss_fn,
+            params=layers,
+            batch_size=batch_size,
+            projection_dim=projection_dim,
+            device=device,
+            show_progress=show_progress,
+            seed=seed,
+            timeout=timeout,
         )
         self.layers = layers
         self.sample_wise_grads_per_batch = _check_flag(sample_wise_grads_per_batch, "sample_wise_grads_per_batch")
@@ -626,8 +707,13 @@ class TracInCP(_TracInBase):
         for name, module in self.model.named_modules():
             rule, _ = rule_for(module)
             own = list(module.parameters(recurse=False))
-            if (rule is not None and rule.factors is not None and own and all(owners[id(p)] == 1 for p in own)
-                    and set(self._layer_params(name).values()) <= selected):
+            if (
+                rule is not None
+                and rule.factors is not None
+                and own
+                and all(owners[id(p)] == 1 for p in own)
+                and set(self._layer_params(name).values()) <= selected
+            ):
                 candidates.append(name)
         return candidates
 
@@ -681,9 +767,19 @@ class TracInCPFast(_TracInBase):
     ):
         layer_name = _linear_layer_name(model, final_fc_layer)
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
-            params=model.get_submodule(layer_name), batch_size=batch_size, projection_dim=projection_dim,
-            device=device, show_progress=show_progress, seed=seed, timeout=timeout,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn=loss_fn,
+            test_loss_fn=test_loss_fn,
+            params=model.get_submodule(layer_name),
+            batch_size=batch_size,
+            projection_dim=projection_dim,
+            device=device,
+            show_progress=show_progress,
+            seed=seed,
+            timeout=timeout,
         )
         self.vectorize = _check_flag(vectorize, "vectorize")
         self.layer_name = layer_name

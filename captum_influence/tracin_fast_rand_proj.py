@@ -81,15 +81,26 @@ class TracInCPFastRandProj(TracInCPFast):
                 f"(Captum's NearestNeighbors); got {type(nearest_neighbors).__name__}."
             )
         super().__init__(
-            model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func, loss_fn=loss_fn,
-            batch_size=batch_size, test_loss_fn=test_loss_fn, vectorize=vectorize,
-            projection_dim=projection_dim, device=device, show_progress=show_progress, seed=seed, timeout=timeout,
+            model,
+            final_fc_layer,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            test_loss_fn=test_loss_fn,
+            vectorize=vectorize,
+            projection_dim=projection_dim,
+            device=device,
+            show_progress=show_progress,
+            seed=seed,
+            timeout=timeout,
         )
         self.nearest_neighbors = nearest_neighbors
         self._index_ready = False
 
     @keeps_model_state
-    def influence(  # type: ignore[override]
+    def influence(
         self,
         inputs: Any,
         k: Optional[int] = 5,
@@ -114,6 +125,6 @@ class TracInCPFastRandProj(TracInCPFast):
     def _explicit_train_vectors(self) -> torch.Tensor:
         """The training set's stacked vectors with factored layers written out: (n_train, C * d)."""
         keys = self._train_features()  # fixes the layout
-        if not self._layout.factored:
+        if not self._chosen_layout.factored:
             return keys
         return self._test_features(self.train_dataset, explicit=True, loss=self._loss)

@@ -8,13 +8,12 @@ from captum.influence import DataInfluence
 from captum.influence import SimilarityInfluence as CaptumSimilarityInfluence
 from captum.influence._core.similarity_influence import cosine_similarity as captum_cosine
 from captum.influence._core.similarity_influence import euclidean_distance as captum_euclidean
+from helpers import DropoutNet, TwiceNet, modes
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import captum_influence as ci
 from captum_influence.similarity import cosine_similarity, euclidean_distance
-
-from helpers import DropoutNet, TwiceNet, modes
 
 N_SRC = 23  # no batch size used here divides it
 METRICS = {"cosine": (cosine_similarity, captum_cosine), "euclidean": (euclidean_distance, captum_euclidean)}
@@ -58,12 +57,22 @@ def test_matches_captum(tmp_path, metric, direction, layers, batch_size, top_k):
     # Captum 0.9 fails on a single layer (LayerActivation gives a list, which it wraps again):
     # it always gets both layers here.
     captum = CaptumSimilarityInfluence(
-        model, ["1", "3"], data, str(tmp_path / "captum"), similarity_metric=captum_metric,
-        similarity_direction=direction, batch_size=batch_size,
+        model,
+        ["1", "3"],
+        data,
+        str(tmp_path / "captum"),
+        similarity_metric=captum_metric,
+        similarity_direction=direction,
+        batch_size=batch_size,
     ).influence(test, top_k=top_k)
     ours = ci.SimilarityInfluence(
-        model, layers, data, tmp_path / "ours", similarity_metric=ours_metric,
-        similarity_direction=direction, batch_size=batch_size,
+        model,
+        layers,
+        data,
+        tmp_path / "ours",
+        similarity_metric=ours_metric,
+        similarity_direction=direction,
+        batch_size=batch_size,
     ).influence(test, top_k=top_k)
     names = [layers] if isinstance(layers, str) else layers
     assert list(ours) == names
@@ -81,8 +90,14 @@ def test_blockwise_top_k_equals_the_sorted_full_matrix(tmp_path, metric, directi
     """top_k above the last batch's size (where Captum fails) and above the data's (clamped)."""
     model, data, test = _mlp(), _data(), _test_inputs(6)
     influence = ci.SimilarityInfluence(
-        model, ["1", "3"], data, tmp_path, similarity_metric=METRICS[metric][0],
-        similarity_direction=direction, batch_size=5, block_size=block_size,
+        model,
+        ["1", "3"],
+        data,
+        tmp_path,
+        similarity_metric=METRICS[metric][0],
+        similarity_direction=direction,
+        batch_size=5,
+        block_size=block_size,
     )
     for top_k in (4, 11, N_SRC + 5):
         result = influence.influence(test, top_k=top_k)
@@ -151,11 +166,13 @@ def test_custom_metric_gets_unflattened_activations_as_in_captum(tmp_path):
         shapes.append(tuple(b.shape[1:]))
         return -(a.flatten(1)[:, None] - b.flatten(1)[None]).abs().sum(-1)
 
-    captum = CaptumSimilarityInfluence(model, ["1", "3"], data, str(tmp_path / "captum"), similarity_metric=negative_l1,
-                                       batch_size=4).influence(test, top_k=2)
+    captum = CaptumSimilarityInfluence(
+        model, ["1", "3"], data, str(tmp_path / "captum"), similarity_metric=negative_l1, batch_size=4
+    ).influence(test, top_k=2)
     shapes.clear()
-    ours = ci.SimilarityInfluence(model, "1", data, tmp_path / "ours", similarity_metric=negative_l1,
-                                  batch_size=4).influence(test, top_k=2)
+    ours = ci.SimilarityInfluence(
+        model, "1", data, tmp_path / "ours", similarity_metric=negative_l1, batch_size=4
+    ).influence(test, top_k=2)
     assert set(shapes) == {(2, 3, 3)}
     assert torch.equal(ours["1"].indices, captum["1"][0])
     torch.testing.assert_close(ours["1"].influence_scores, captum["1"][1], rtol=1e-12, atol=1e-12)
@@ -172,9 +189,11 @@ def test_additional_forward_args_reach_the_test_forward_only(tmp_path):
 
     model, data, test = Scaled().double().eval(), _data(), _test_inputs()
     captum = CaptumSimilarityInfluence(model, ["fc", "act"], data, str(tmp_path / "captum"), batch_size=5).influence(
-        test, top_k=3, additional_forward_args=2.0)
+        test, top_k=3, additional_forward_args=2.0
+    )
     ours = ci.SimilarityInfluence(model, "act", data, tmp_path / "ours", batch_size=5).influence(
-        test, top_k=3, additional_forward_args=2.0)
+        test, top_k=3, additional_forward_args=2.0
+    )
     assert torch.equal(ours["act"].indices, captum["act"][0])
     torch.testing.assert_close(ours["act"].influence_scores, captum["act"][1], rtol=1e-12, atol=1e-12)
 
@@ -253,7 +272,9 @@ def test_cache_of_other_data_is_refused(tmp_path, change):
     model, data, test = _mlp(), _data(), _test_inputs()
     ci.SimilarityInfluence(model, "1", data, tmp_path, batch_size=5).influence(test)
     other, batch_size, what = {
-        "values": (_data(), 5, "data"), "size": (_data(N_SRC + 1), 5, "data"), "batch_size": (data, 4, "batch_size"),
+        "values": (_data(), 5, "data"),
+        "size": (_data(N_SRC + 1), 5, "data"),
+        "batch_size": (data, 4, "batch_size"),
     }[change]
     with pytest.raises(ValueError, match=f"activation_dir: .*{what}"):
         ci.SimilarityInfluence(model, "1", other, tmp_path, batch_size=batch_size).influence(test)

@@ -76,6 +76,7 @@ def linear_setup():
 
 # --- parity with Captum -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sample_wise", [True, False])
 def test_tracincp_matches_captum(linear_setup, sample_wise):
     model, checkpoints, train, test = linear_setup
@@ -84,8 +85,13 @@ def test_tracincp_matches_captum(linear_setup, sample_wise):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = CaptumTracInCP(
-            model, train, checkpoints, _load, loss_fn=nn.CrossEntropyLoss(reduction=reduction),
-            batch_size=16, sample_wise_grads_per_batch=sample_wise,
+            model,
+            train,
+            checkpoints,
+            _load,
+            loss_fn=nn.CrossEntropyLoss(reduction=reduction),
+            batch_size=16,
+            sample_wise_grads_per_batch=sample_wise,
         )
         expected = theirs.influence(test)
         expected_self = theirs.self_influence(DataLoader(train, batch_size=16))
@@ -132,6 +138,7 @@ def test_fast_bias_is_exact_and_captum_fast_misses_the_bias_term(linear_setup):
 
 # --- identities ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_stacked_vectors_give_the_per_checkpoint_sum(linear_setup, fast):
     model, checkpoints, train, test = linear_setup
@@ -144,7 +151,9 @@ def test_stacked_vectors_give_the_per_checkpoint_sum(linear_setup, fast):
     queries = tracin.compute_intermediate_quantities(test)
     keys = tracin.compute_intermediate_quantities(train)
     reference = _brute_force(model, checkpoints, test, train.tensors, params=params)
-    assert queries.shape[1] == len(checkpoints) * sum(p.numel() for p in (params(model) if fast else model.parameters()))
+    assert queries.shape[1] == len(checkpoints) * sum(
+        p.numel() for p in (params(model) if fast else model.parameters())
+    )
     _close(queries.double() @ keys.double().T, reference)
     _close(tracin.influence(test), reference)
 
@@ -185,6 +194,7 @@ def test_checkpoints_are_loaded_once_per_pass(linear_setup):
 
 
 # --- models Captum's fast path does not cover ----------------------------------------------
+
 
 class _EmbeddingBatchNormModel(nn.Module):
     def __init__(self):
@@ -273,22 +283,31 @@ def test_fast_sequence_inputs_match_a_loop(width_in, width_out, positions, facto
     reference = _brute_force(model, checkpoints, test, train.tensors, params=lambda m: [m.head.weight, m.head.bias])
     _close(fast.influence(test), reference)
     assert bool(fast._layout.factored) is factorised
-    _close(fast.self_influence(test), torch.diagonal(_brute_force(model, checkpoints, test, test, params=lambda m: [m.head.weight, m.head.bias])))
+    _close(
+        fast.self_influence(test),
+        torch.diagonal(_brute_force(model, checkpoints, test, test, params=lambda m: [m.head.weight, m.head.bias])),
+    )
     keys = fast.compute_intermediate_quantities(train)
     _close(fast.compute_intermediate_quantities(test).double() @ keys.double().T, reference)
 
 
 # --- losses and projection ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_loss_reductions_give_the_same_per_example_loss(linear_setup, fast):
     model, checkpoints, train, test = linear_setup
-    cls = (lambda **kw: TracInCPFast(model, model[2], train, checkpoints, _load, batch_size=16, **kw)) if fast else (
-        lambda **kw: TracInCP(model, train, checkpoints, _load, batch_size=16, **kw)
+    cls = (
+        (lambda **kw: TracInCPFast(model, model[2], train, checkpoints, _load, batch_size=16, **kw))
+        if fast
+        else (lambda **kw: TracInCP(model, train, checkpoints, _load, batch_size=16, **kw))
     )
     reference = cls().influence(test)
-    for loss_fn in (nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(reduction="mean"),
-                    lambda out, y: nn.functional.cross_entropy(out, y)):
+    for loss_fn in (
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.CrossEntropyLoss(reduction="mean"),
+        lambda out, y: nn.functional.cross_entropy(out, y),
+    ):
         _close(cls(loss_fn=loss_fn).influence(test), reference)
 
 
@@ -296,8 +315,10 @@ def test_mse_loss_with_mean_reduction_matches_a_loop(linear_setup):
     model, checkpoints, train, _ = linear_setup
     targets = TensorDataset(train.tensors[0], torch.randn(40, 4))
     test = (torch.randn(5, 8), torch.randn(5, 4))
-    for tracin in (TracInCP(model, targets, checkpoints, _load, loss_fn=nn.MSELoss(), batch_size=16),
-                   TracInCPFast(model, model[2], targets, checkpoints, _load, loss_fn=nn.MSELoss(), batch_size=16)):
+    for tracin in (
+        TracInCP(model, targets, checkpoints, _load, loss_fn=nn.MSELoss(), batch_size=16),
+        TracInCPFast(model, model[2], targets, checkpoints, _load, loss_fn=nn.MSELoss(), batch_size=16),
+    ):
         params = (lambda m: [m[2].weight, m[2].bias]) if isinstance(tracin, TracInCPFast) else None
         reference = _brute_force(model, checkpoints, test, targets.tensors, params=params, loss=nn.functional.mse_loss)
         _close(tracin.influence(test), reference)
@@ -315,7 +336,9 @@ def test_projection_is_the_projector_applied_per_checkpoint(linear_setup):
     expected = (stacked @ matrix).reshape(7, -1)
     _close(queries, expected)
     _close(fast.compute_intermediate_quantities(test), expected)
-    keys = (exact.compute_intermediate_quantities(train).double().reshape(40, len(checkpoints), -1) @ matrix).reshape(40, -1)
+    keys = (exact.compute_intermediate_quantities(train).double().reshape(40, len(checkpoints), -1) @ matrix).reshape(
+        40, -1
+    )
     _close(fast.influence(test), expected @ keys.T)
     _close(projected.influence(test), expected @ keys.T)
 
@@ -346,8 +369,10 @@ def test_exported_at_top_level():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_matches_cpu(linear_setup):
     model, checkpoints, train, test = linear_setup
-    for make in (lambda device: TracInCP(model, train, checkpoints, _load, batch_size=16, device=device),
-                 lambda device: TracInCPFast(model, model[2], train, checkpoints, _load, batch_size=16, device=device)):
+    for make in (
+        lambda device: TracInCP(model, train, checkpoints, _load, batch_size=16, device=device),
+        lambda device: TracInCPFast(model, model[2], train, checkpoints, _load, batch_size=16, device=device),
+    ):
         cpu = make("cpu").influence(test)
         gpu = make("cuda").influence(test)
         assert gpu.device.type == "cuda"
@@ -356,6 +381,7 @@ def test_gpu_matches_cpu(linear_setup):
 
 
 # --- bad input ----------------------------------------------------------------------------
+
 
 def test_loader_without_learning_rate_raises(linear_setup):
     model, checkpoints, train, test = linear_setup

@@ -78,15 +78,17 @@ def test_aggregate_influence_and_topk_equal_captum(setup):
 def test_test_loss_fn_and_captum_keywords_equal_captum(setup):
     model, checkpoints, paths, train, test = setup
     loss, test_loss = nn.CrossEntropyLoss(reduction="none"), nn.MultiMarginLoss(reduction="none")
-    theirs = _captum(CaptumTracInCP, model, train, paths, loss_fn=loss, test_loss_fn=test_loss,
-                     sample_wise_grads_per_batch=False)
+    theirs = _captum(
+        CaptumTracInCP, model, train, paths, loss_fn=loss, test_loss_fn=test_loss, sample_wise_grads_per_batch=False
+    )
     ours = _ours_cp(model, train, checkpoints, loss_fn=loss, test_loss_fn=test_loss, sample_wise_grads_per_batch=True)
     got = ours.influence(test, show_progress=False)
     torch.testing.assert_close(got, theirs.influence(test), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(got, _ours_cp(model, train, checkpoints, loss_fn=loss).influence(test))
     self_scores = ours.self_influence(None, show_progress=False, outer_loop_by_checkpoints=True)
-    torch.testing.assert_close(self_scores, theirs.self_influence(None, outer_loop_by_checkpoints=True),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        self_scores, theirs.self_influence(None, outer_loop_by_checkpoints=True), rtol=1e-10, atol=1e-12
+    )
     assert self_scores.dtype == torch.float64
 
 
@@ -111,10 +113,19 @@ def test_fast_test_loss_fn_and_a_replaced_weight_shape(setup):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(state, paths[0])
     loss, test_loss = nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(reduction="mean")
-    theirs = CaptumTracInCPFast(model, model[2], train, paths[:1], checkpoints_load_func=_load_path, loss_fn=loss,
-                                test_loss_fn=test_loss, batch_size=7)
-    ours = ci.TracInCPFast(model, model[2], train, [state], _load, loss_fn=loss, test_loss_fn=test_loss,
-                           batch_size=7, vectorize=True)
+    theirs = CaptumTracInCPFast(
+        model,
+        model[2],
+        train,
+        paths[:1],
+        checkpoints_load_func=_load_path,
+        loss_fn=loss,
+        test_loss_fn=test_loss,
+        batch_size=7,
+    )
+    ours = ci.TracInCPFast(
+        model, model[2], train, [state], _load, loss_fn=loss, test_loss_fn=test_loss, batch_size=7, vectorize=True
+    )
     torch.testing.assert_close(ours.influence(test), theirs.influence(test), rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(ours.self_influence(), theirs.self_influence(), rtol=1e-9, atol=1e-11)
 
@@ -128,11 +139,19 @@ def test_fast_with_a_weight_of_another_shape_than_in_features():
     train = TensorDataset(x, y)
     loss = nn.MSELoss(reduction="none")
     ours = ci.TracInCPFast(model, model[2], train, [model.state_dict()], loss_fn=loss, batch_size=4)
-    grads = torch.stack([
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]).sum(),
-                                                            [model[2].weight, model[2].bias])])
-        for i in range(9)
-    ])
+    grads = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        loss(model(x[i : i + 1]), y[i : i + 1]).sum(), [model[2].weight, model[2].bias]
+                    )
+                ]
+            )
+            for i in range(9)
+        ]
+    )
     torch.testing.assert_close(ours.influence((x, y)), grads @ grads.T, rtol=1e-10, atol=1e-12)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
+
 TracInCPFastRandProj = ci.TracInCPFastRandProj
 
 
@@ -42,17 +43,22 @@ def test_exact_without_projection_equals_captum(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     torch.save(model.state_dict(), path)
     loss = nn.CrossEntropyLoss(reduction="sum")
-    theirs = CaptumRandProj(model, model[2], train, [path], _load, loss_fn=loss, batch_size=8,
-                            nearest_neighbors=BruteForceDot())
+    theirs = CaptumRandProj(
+        model, model[2], train, [path], _load, loss_fn=loss, batch_size=8, nearest_neighbors=BruteForceDot()
+    )
     ours = TracInCPFastRandProj(model, model[2], train, [path], _load, loss_fn=loss, batch_size=8)
     torch.testing.assert_close(ours.influence(test, k=None), theirs.influence(test, k=None), rtol=1e-9, atol=1e-11)
     top, their_top = ours.influence(test), theirs.influence(test)  # k=5 by default, as in Captum
     assert top.indices.shape == (6, 5) and torch.equal(top.indices, their_top.indices)
     torch.testing.assert_close(top.influence_scores, their_top.influence_scores, rtol=1e-9, atol=1e-11)
-    with_index = TracInCPFastRandProj(model, model[2], train, [path], _load, loss_fn=loss, batch_size=8,
-                                      nearest_neighbors=BruteForceDot())
+    with_index = TracInCPFastRandProj(
+        model, model[2], train, [path], _load, loss_fn=loss, batch_size=8, nearest_neighbors=BruteForceDot()
+    )
     for proponents in (True, False):
-        got, want = with_index.influence(test, k=4, proponents=proponents), ours.influence(test, k=4, proponents=proponents)
+        got, want = (
+            with_index.influence(test, k=4, proponents=proponents),
+            ours.influence(test, k=4, proponents=proponents),
+        )
         assert torch.equal(got.indices, want.indices)
         torch.testing.assert_close(got.influence_scores, want.influence_scores, rtol=1e-9, atol=1e-11)
 
@@ -65,8 +71,9 @@ def test_projected_scores_approach_the_exact_ones():
     exact = ci.TracInCPFast(model, model[2], train, [model.state_dict()]).influence(test)
 
     def projected(k, seed, batch_size=64):
-        return TracInCPFastRandProj(model, model[2], train, [model.state_dict()], projection_dim=k, seed=seed,
-                                    batch_size=batch_size).influence(test, k=None)
+        return TracInCPFastRandProj(
+            model, model[2], train, [model.state_dict()], projection_dim=k, seed=seed, batch_size=batch_size
+        ).influence(test, k=None)
 
     def error(scores):
         return float((scores - exact).norm() / exact.norm())
