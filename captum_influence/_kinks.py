@@ -28,9 +28,23 @@ MIN_STEP = 1e-7
 
 _AT_ZERO: frozenset[Callable[..., Any]] = frozenset(
     {
-        torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_,
-        F.leaky_relu, F.leaky_relu_, torch.abs, torch.Tensor.abs, torch.Tensor.abs_, torch.abs_,
-        F.prelu, F.rrelu, F.elu, F.celu, F.selu,
+        torch.relu,
+        torch.relu_,
+        torch.Tensor.relu,
+        torch.Tensor.relu_,
+        F.relu,
+        F.relu_,
+        F.leaky_relu,
+        F.leaky_relu_,
+        torch.abs,
+        torch.Tensor.abs,
+        torch.Tensor.abs_,
+        torch.abs_,
+        F.prelu,
+        F.rrelu,
+        F.elu,
+        F.celu,
+        F.selu,
     }
 )
 _CLAMPS: frozenset[Callable[..., Any]] = frozenset(

@@ -191,8 +191,9 @@ class Quadrature:
         return examples, alphas, weights
 
     def node_counts(self) -> torch.Tensor:
-        return torch.bincount(self.pieces.example, weights=self.pieces.nodes.double(),
-                              minlength=len(self.forward_evaluations)).long()
+        return torch.bincount(
+            self.pieces.example, weights=self.pieces.nodes.double(), minlength=len(self.forward_evaluations)
+        ).long()
 
     def worst_piece(self, example: int) -> tuple[float, float]:
         """The piece of ``example`` with the largest error: where an unresolved switch sits."""
@@ -208,8 +209,12 @@ def _first_pieces(evaluate: _Evaluator, n: int, count: int, device: torch.device
     at = evaluate(examples, grid.repeat(n))
     value, ahead = at.value.reshape(n, count + 1), at.next_switch.reshape(n, count + 1)
     pieces = Pieces(
-        torch.arange(n, device=device).repeat_interleave(count), grid[:-1].repeat(n), grid[1:].repeat(n),
-        value[:, :-1].reshape(-1), value[:, 1:].reshape(-1), torch.ones(n * count, dtype=torch.long, device=device),
+        torch.arange(n, device=device).repeat_interleave(count),
+        grid[:-1].repeat(n),
+        grid[1:].repeat(n),
+        value[:, :-1].reshape(-1),
+        value[:, 1:].reshape(-1),
+        torch.ones(n * count, dtype=torch.long, device=device),
         ahead[:, :-1].reshape(-1),
     )
     return pieces, value[:, -1] - value[:, 0]
@@ -227,9 +232,7 @@ def _measure(evaluate: _Evaluator, pieces: Pieces, stale: torch.Tensor) -> None:
     pieces.error[which] = integral - (part.f_b - part.f_a)
 
 
-def integrate_pieces(
-    path: Path, rtol: float, atol: float, most_nodes: int, chunk_size: Optional[int]
-) -> Quadrature:
+def integrate_pieces(path: Path, rtol: float, atol: float, most_nodes: int, chunk_size: Optional[int]) -> Quadrature:
     """Split and refine every example's path until sum |r| <= (rtol |F(z) - F(z')| + atol) / 2 or the
     example's nodes would pass ``most_nodes``."""
     n, device = path.end[0].shape[0], path.end[0].device
@@ -240,7 +243,8 @@ def integrate_pieces(
     # F in the model's dtype carries rounding of about eps max|F| (the sums inside it cancel near F = 0).
     eps = torch.finfo(path.end[0].dtype).eps if path.end[0].is_floating_point() else 0.0
     per_example = lambda values: torch.zeros(n, dtype=torch.float64, device=device).index_add_(  # noqa: E731
-        0, pieces.example, values)
+        0, pieces.example, values
+    )
     while True:
         _measure(evaluate, pieces, pieces.error.isnan())
         stopped[pieces.example[~torch.isfinite(pieces.error)]] = True  # NaN or inf along the path
@@ -259,7 +263,8 @@ def integrate_pieces(
         stopped[pieces.example[chosen & (pieces.b - pieces.a < 4 * MIN_STEP)]] = True
         # Doubling adds a piece's nodes, bisecting adds none; counted as doubling, to bound the loop too.
         added = torch.zeros(n, dtype=torch.long, device=device).index_add_(
-            0, pieces.example, torch.where(chosen, pieces.nodes, torch.zeros_like(pieces.nodes)))
+            0, pieces.example, torch.where(chosen, pieces.nodes, torch.zeros_like(pieces.nodes))
+        )
         nodes_now = torch.bincount(pieces.example, weights=pieces.nodes.double(), minlength=n).long()
         stopped |= open_ & ((nodes_now + added > most_nodes) | (evaluate.calls > _MOST_NODES * most_nodes))
         stopped |= open_ & ~torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, pieces.example[chosen], True)
@@ -284,7 +289,8 @@ def _within_budget(size: torch.Tensor, example: torch.Tensor, budget: torch.Tens
 
 def _per_example_max(values: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).scatter_reduce_(
-        0, example, values, "amax", include_self=False)
+        0, example, values, "amax", include_self=False
+    )
 
 
 def _refine(evaluate: _Evaluator, pieces: Pieces, chosen: torch.Tensor) -> Pieces:
@@ -307,12 +313,24 @@ def _refine(evaluate: _Evaluator, pieces: Pieces, chosen: torch.Tensor) -> Piece
     owners = torch.cat([torch.arange(len(middle)), early.nonzero().flatten()])
     at = evaluate(halves.example[owners], cuts)
     k = len(middle)
-    mid_value, mid_switch, first_value, first_switch = at.value[:k], at.next_switch[:k], at.value[k:], at.next_switch[k:]
+    mid_value, mid_switch, first_value, first_switch = (
+        at.value[:k],
+        at.next_switch[:k],
+        at.value[k:],
+        at.next_switch[k:],
+    )
     right = Pieces(halves.example, middle, halves.b, mid_value, halves.f_b, nodes, mid_switch)
     left_value = mid_value.clone()
     left_value[early] = first_value
-    left = Pieces(halves.example, halves.a, torch.where(early, switch, middle), halves.f_a, left_value, nodes.clone(),
-                  halves.next_switch)
+    left = Pieces(
+        halves.example,
+        halves.a,
+        torch.where(early, switch, middle),
+        halves.f_a,
+        left_value,
+        nodes.clone(),
+        halves.next_switch,
+    )
     e = early.nonzero().flatten()
     between = Pieces(halves.example[e], switch[e], middle[e], first_value, mid_value[e], nodes[e].clone(), first_switch)
     return Pieces.join([pieces.select(~split), left, between, right])

@@ -23,18 +23,19 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from types import FrameType
+from typing import Any, Callable, Optional, cast
 
 import torch
-from captum.attr import Attribution, DeepLift, DeepLiftShap, GradientShap, LayerDeepLiftShap
-from captum.attr import LayerGradientShap
+from captum.attr import Attribution, DeepLift, DeepLiftShap, GradientShap, LayerDeepLiftShap, LayerGradientShap
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
+from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ._attr_args import format_args, format_baselines, format_inputs, select_targets, take, target_index
-from .output_selection import find_output_nonlinearities
+from .output_selection import Finding, find_output_nonlinearities
 
 
 class CompletenessWarning(UserWarning):
@@ -120,8 +121,7 @@ def _baseline_distribution(baselines: Any, x: tuple, *, arg: str = "baselines") 
     given = baselines if isinstance(baselines, tuple) else (baselines,)
     if len(given) != len(x) or not all(isinstance(b, torch.Tensor) for b in given):
         raise ValueError(
-            f"{arg}: expected {len(x)} tensor(s) of baseline examples, one per input; got "
-            f"{type(baselines).__name__}."
+            f"{arg}: expected {len(x)} tensor(s) of baseline examples, one per input; got {type(baselines).__name__}."
         )
     shapes = [tuple(b.shape) for b in given]
     if any(b.shape[1:] != t.shape[1:] for b, t in zip(given, x)) or len({s[0] for s in shapes}) != 1:
@@ -162,16 +162,49 @@ def _attribution_sums(attributions: Any, n: int) -> torch.Tensor:
     if not leaves or any(a.dim() == 0 or a.shape[0] != n for a in leaves):
         shapes = [tuple(a.shape) for a in leaves]
         raise ValueError(f"method: expected attributions with {n} rows, one per example; got shapes {shapes}.")
-    return sum(a.detach().reshape(n, -1).sum(dim=1, dtype=torch.float64) for a in leaves)
+    # leaves is not empty, so the sum is a tensor, never the start value 0.
+    return cast(torch.Tensor, sum(a.detach().reshape(n, -1).sum(dim=1, dtype=torch.float64) for a in leaves))
 
 
 # Calls with no DeepLift rule when made outside a module that has one: they get the plain gradient.
-_NONLINEAR_CALLS = frozenset({
-    "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "softplus",
-    "softsign", "tanh", "sigmoid", "hardtanh", "hardsigmoid", "hardswish", "logsigmoid", "softmax",
-    "log_softmax", "softmin", "exp", "log", "logsumexp", "max", "amax", "min", "amin", "max_pool1d",
-    "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-})
+_NONLINEAR_CALLS = frozenset(
+    {
+        "relu",
+        "relu_",
+        "relu6",
+        "leaky_relu",
+        "elu",
+        "selu",
+        "celu",
+        "gelu",
+        "silu",
+        "mish",
+        "softplus",
+        "softsign",
+        "tanh",
+        "sigmoid",
+        "hardtanh",
+        "hardsigmoid",
+        "hardswish",
+        "logsigmoid",
+        "softmax",
+        "log_softmax",
+        "softmin",
+        "exp",
+        "log",
+        "logsumexp",
+        "max",
+        "amax",
+        "min",
+        "amin",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+    }
+)
 _MAXES = frozenset({"max", "amax", "min", "amin"})
 _THIS_FILE = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -189,7 +222,7 @@ class _Call:
 
 def _model_line() -> str:
     """``file:line`` of the innermost frame outside torch and this module."""
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
         if not name.startswith(_TORCH_DIR) and name != _THIS_FILE:
@@ -240,7 +273,8 @@ class _Scan(TorchFunctionMode):
 def _reaches(output: Any) -> set:
     """The autograd nodes the output depends on."""
     roots = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    seen, stack = set(), roots
+    seen: set = set()
+    stack: list[Optional[Node]] = list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -262,25 +296,30 @@ def _model_of(method: Attribution) -> Optional[nn.Module]:
 def _training_suspects(model: Optional[nn.Module], method: Attribution, x: tuple, args: tuple) -> list[Suspect]:
     if model is not None:
         stochastic = [
-            (name or "<model>", type(m).__name__) for name, m in model.named_modules()
+            (name or "<model>", type(m).__name__)
+            for name, m in model.named_modules()
             if m.training and isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
         ]
         if stochastic:
-            return [Suspect(
-                "training_mode",
-                f"the model is in training mode with {', '.join(f'{t} {n!r}' for n, t in stochastic)}: each "
-                "forward pass draws new dropout masks or normalises with the batch's own statistics, so F is not "
-                "one function of x.",
-                "call model.eval() before attributing.",
-            )]
+            return [
+                Suspect(
+                    "training_mode",
+                    f"the model is in training mode with {', '.join(f'{t} {n!r}' for n, t in stochastic)}: each "
+                    "forward pass draws new dropout masks or normalises with the batch's own statistics, so F is not "
+                    "one function of x.",
+                    "call model.eval() before attributing.",
+                )
+            ]
     with torch.no_grad():
         first, second = method.forward_func(*x, *args), method.forward_func(*x, *args)
     if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and not torch.equal(first, second):
-        return [Suspect(
-            "nondeterministic",
-            "two forward passes on the same inputs give different outputs, so F is not one function of x.",
-            "make the forward pass deterministic (eval mode, no sampling) before attributing.",
-        )]
+        return [
+            Suspect(
+                "nondeterministic",
+                "two forward passes on the same inputs give different outputs, so F is not one function of x.",
+                "make the forward pass deterministic (eval mode, no sampling) before attributing.",
+            )
+        ]
     return []
 
 
@@ -289,15 +328,17 @@ def _deeplift_suspects(method: Attribution, model: Optional[nn.Module], x: tuple
 
     (A nonlinear module run twice needs no suspect: Captum's DeepLift raises an error for it.)"""
     name = type(method).__name__
-    tail = {}
+    tail: dict[Any, Finding] = {}
     if model is not None:
-        for finding in find_output_nonlinearities(model, *x, *args):
-            tail[finding.where if finding.kind == "module" else (finding.name, finding.line)] = finding
+        for nonlinearity in find_output_nonlinearities(model, *x, *args):
+            place = nonlinearity.where if nonlinearity.kind == "module" else (nonlinearity.name, nonlinearity.line)
+            tail[place] = nonlinearity
     to_logits = f"attribute the logits instead: {name}(ci.select_output(model, 'logits'))"
     names = {id(m): n or "<model>" for n, m in (model.named_modules() if model is not None else ())}
     scan = _Scan()
     reached = _reaches(scan.run(method.forward_func, x, args))
     found: dict[tuple, Suspect] = {}
+    key: tuple[str, ...]
     for call in scan.calls:
         if call.grad_fn is not None and call.grad_fn not in reached:
             continue  # its result does not reach the attributed output
@@ -325,8 +366,7 @@ def _deeplift_suspects(method: Attribution, model: Optional[nn.Module], x: tuple
                 )
                 module = f"nn.{_module_name(call.name)}()"
                 fix = (
-                    f"{to_logits}, or keep probabilities with "
-                    "ci.IntegratedGradients(ci.select_output(model, 'probs'))."
+                    f"{to_logits}, or keep probabilities with ci.IntegratedGradients(ci.select_output(model, 'probs'))."
                     if finding is not None
                     else f"call it through a module (e.g. self.act = {module}), or use ci.IntegratedGradients."
                 )
@@ -348,17 +388,27 @@ def _deeplift_suspects(method: Attribution, model: Optional[nn.Module], x: tuple
                     f"{type(call.owner).__name__} module {where!r} computes {call.name}, for which DeepLift has no "
                     "rule: it gets the plain gradient and the attributions no longer add up."
                 )
-                fix = (to_logits + "." if where in tail else
-                       "use activations DeepLift supports (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool), "
-                       "or ci.IntegratedGradients.")
+                fix = (
+                    to_logits + "."
+                    if where in tail
+                    else "use activations DeepLift supports (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool), "
+                    "or ci.IntegratedGradients."
+                )
         found.setdefault(key, Suspect(key[0], reason, fix))
     return list(found.values())
 
 
 def _module_name(function: str) -> str:
     """The torch.nn module for a functional activation, for the suggested fix."""
-    modules = {"relu": "ReLU", "relu_": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "elu": "ELU",
-               "leaky_relu": "LeakyReLU", "softplus": "Softplus"}
+    modules = {
+        "relu": "ReLU",
+        "relu_": "ReLU",
+        "tanh": "Tanh",
+        "sigmoid": "Sigmoid",
+        "elu": "ELU",
+        "leaky_relu": "LeakyReLU",
+        "softplus": "Softplus",
+    }
     return modules.get(function, "ReLU")
 
 
@@ -436,8 +486,14 @@ def check_completeness(
     ok = _within(delta, change, rtol, atol)
     suspects: list[Suspect] = []
     if not ok.all():
-        suspects = _suspects(method, x, args, attribute_kwargs, float(relative.max()),
-                             lambda kwargs: float(_relative_error(measure(kwargs) - change, change).max()))
+        suspects = _suspects(
+            method,
+            x,
+            args,
+            attribute_kwargs,
+            float(relative.max()),
+            lambda kwargs: float(_relative_error(measure(kwargs) - change, change).max()),
+        )
     return CompletenessReport(
         delta=delta,
         relative_error=relative,
@@ -460,19 +516,23 @@ def _suspects(
     if isinstance(method, DeepLift):
         suspects += _deeplift_suspects(method, model, x, args)
     if isinstance(method, (GradientShap, LayerGradientShap)):
-        suspects.append(Suspect(
-            "sampling",
-            f"{type(method).__name__} draws random baselines and path points: completeness holds only in "
-            f"expectation, and with n_samples={kwargs.get('n_samples', 5)} the estimate is noisy.",
-            "raise n_samples, or use ci.IntegratedGradients on each baseline for an exact decomposition.",
-        ))
+        suspects.append(
+            Suspect(
+                "sampling",
+                f"{type(method).__name__} draws random baselines and path points: completeness holds only in "
+                f"expectation, and with n_samples={kwargs.get('n_samples', 5)} the estimate is noisy.",
+                "raise n_samples, or use ci.IntegratedGradients on each baseline for an exact decomposition.",
+            )
+        )
     if "n_steps" in inspect.signature(method.attribute).parameters and not suspects:
         suspects.append(_steps_suspect(method, kwargs, error, measure))
     if not suspects:
-        suspects.append(Suspect(
-            "unexplained",
-            f"none of the known causes was found in {type(method).__name__}'s forward pass.",
-            "compare with ci.IntegratedGradients(...).attribute(..., n_steps='auto'), whose completeness is exact up "
-            "to the quadrature.",
-        ))
+        suspects.append(
+            Suspect(
+                "unexplained",
+                f"none of the known causes was found in {type(method).__name__}'s forward pass.",
+                "compare with ci.IntegratedGradients(...).attribute(..., n_steps='auto'), whose completeness "
+                "is exact up to the quadrature.",
+            )
+        )
     return suspects

@@ -127,8 +127,13 @@ def _integrate(
         examples, alphas, weights = quadrature.nodes()
         steps = quadrature.node_counts().cpu()
     else:
+        assert not isinstance(n_steps, str)  # _check_settings lets "auto" be the only string
         alphas, weights = _rule(method, n_steps)
-        examples, alphas, weights = torch.arange(n).repeat(n_steps), alphas.repeat_interleave(n), weights.repeat_interleave(n)
+        examples, alphas, weights = (
+            torch.arange(n).repeat(n_steps),
+            alphas.repeat_interleave(n),
+            weights.repeat_interleave(n),
+        )
         steps = torch.full((n,), n_steps)
     device = path.end[0].device
     sums = _weighted_grad_sum(path, examples.to(device), alphas.to(device), weights.to(device), chunk_size)
@@ -192,9 +197,7 @@ def _causes(
     return causes
 
 
-def _check_settings(
-    n_steps: Any, method: Any, internal_batch_size: Any, rtol: Any, atol: Any, max_steps: Any
-) -> None:
+def _check_settings(n_steps: Any, method: Any, internal_batch_size: Any, rtol: Any, atol: Any, max_steps: Any) -> None:
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"method: expected one of {SUPPORTED_METHODS}; got {method!r}.")
     if n_steps == "auto" and method != "gausslegendre":
@@ -270,9 +273,16 @@ class _PathIntegral:
     convergence: Optional[Convergence]
 
     def _attribute_path(
-        self, path: Path, n_steps: Steps, method: str, internal_batch_size: Optional[int],
-        completeness_rtol: Optional[float], completeness_atol: float, max_steps: int,
-        return_convergence_delta: bool, as_tuple: bool,
+        self,
+        path: Path,
+        n_steps: Steps,
+        method: str,
+        internal_batch_size: Optional[int],
+        completeness_rtol: Optional[float],
+        completeness_atol: float,
+        max_steps: int,
+        return_convergence_delta: bool,
+        as_tuple: bool,
     ) -> Any:
         rtol = _DEFAULT_RTOL if completeness_rtol is None else float(completeness_rtol)
         sums, self.convergence = _integrate(
@@ -376,8 +386,15 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
         _check_finite(path.start, "baselines")
         _check_dtype(self.forward_func, x, "inputs")
         return self._attribute_path(
-            path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
-            return_convergence_delta, as_tuple,
+            path,
+            n_steps,
+            method,
+            internal_batch_size,
+            completeness_rtol,
+            completeness_atol,
+            max_steps,
+            return_convergence_delta,
+            as_tuple,
         )
 
 
@@ -435,9 +452,7 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
         self._multiply_by_inputs = multiply_by_inputs
         self.convergence = None
 
-    def _layer_values(
-        self, x: Tensors, args: tuple, at_input: bool, chunk_size: Optional[int]
-    ) -> tuple[Tensors, bool]:
+    def _layer_values(self, x: Tensors, args: tuple, at_input: bool, chunk_size: Optional[int]) -> tuple[Tensors, bool]:
         """The layer's value for each example (a tuple of tensors) and whether it is a tuple in the model."""
         rows, parts, as_tuple = torch.arange(x[0].shape[0]), [], False
         with torch.no_grad():
@@ -504,6 +519,13 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
 
         path = Path(start=start, end=end, output=output)
         return self._attribute_path(
-            path, n_steps, method, internal_batch_size, completeness_rtol, completeness_atol, max_steps,
-            return_convergence_delta, len(end) > 1,
+            path,
+            n_steps,
+            method,
+            internal_batch_size,
+            completeness_rtol,
+            completeness_atol,
+            max_steps,
+            return_convergence_delta,
+            len(end) > 1,
         )

@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Callable, Optional
 
 import torch
@@ -36,28 +37,106 @@ _ACTIVATIONS = {"softmax": "categorical", "log_softmax": "categorical", "sigmoid
 # Calls after which the logits are lost when forward returns something else.
 _PROBABILITY_LIKE = frozenset({"softmax", "log_softmax", "softmin", "sigmoid", "logsigmoid", "exp"})
 _MAXES = frozenset({"max", "amax"})
-_NONLINEAR = frozenset(_ACTIVATIONS) | _PROBABILITY_LIKE | _MAXES | frozenset({
-    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "softplus",
-    "softsign", "tanh", "hardtanh", "hardsigmoid", "hardswish", "log", "log1p", "expm1",
-    "logsumexp", "min", "amin", "clamp", "clip", "abs", "sqrt", "rsqrt", "pow", "square",
-})
+_NONLINEAR = (
+    frozenset(_ACTIVATIONS)
+    | _PROBABILITY_LIKE
+    | _MAXES
+    | frozenset(
+        {
+            "relu",
+            "relu6",
+            "leaky_relu",
+            "elu",
+            "selu",
+            "celu",
+            "gelu",
+            "silu",
+            "mish",
+            "softplus",
+            "softsign",
+            "tanh",
+            "hardtanh",
+            "hardsigmoid",
+            "hardswish",
+            "log",
+            "log1p",
+            "expm1",
+            "logsumexp",
+            "min",
+            "amin",
+            "clamp",
+            "clip",
+            "abs",
+            "sqrt",
+            "rsqrt",
+            "pow",
+            "square",
+        }
+    )
+)
 # Value-preserving calls: a softmax result seen through them is still the model's softmax.
-_VIEWS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "squeeze", "unsqueeze", "flatten", "contiguous",
-    "clone", "detach", "__getitem__", "select", "narrow", "permute", "transpose", "t", "to",
-    "float", "double",
-})
+_VIEWS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "squeeze",
+        "unsqueeze",
+        "flatten",
+        "contiguous",
+        "clone",
+        "detach",
+        "__getitem__",
+        "select",
+        "narrow",
+        "permute",
+        "transpose",
+        "t",
+        "to",
+        "float",
+        "double",
+    }
+)
 # Elementwise changes of a softmax result with constants (``softmax(z) + 1e-9``, ``clamp``, ``log``): the
 # softmax's input is still the model's logits, whatever follows it.
-_ELEMENTWISE = frozenset({
-    "add", "__add__", "__radd__", "sub", "__rsub__", "mul", "__mul__", "__rmul__", "div", "__truediv__",
-    "true_divide", "clamp", "clamp_min", "clamp_max", "clip", "log", "log1p", "log2", "log10", "sqrt", "pow",
-    "__pow__", "nan_to_num",
-})
+_ELEMENTWISE = frozenset(
+    {
+        "add",
+        "__add__",
+        "__radd__",
+        "sub",
+        "__rsub__",
+        "mul",
+        "__mul__",
+        "__rmul__",
+        "div",
+        "__truediv__",
+        "true_divide",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "clip",
+        "log",
+        "log1p",
+        "log2",
+        "log10",
+        "sqrt",
+        "pow",
+        "__pow__",
+        "nan_to_num",
+    }
+)
 # Views after which a max-subtracted tensor keeps its shape, so its pre-max values still align.
 _SAME_SHAPE = frozenset({"clone", "detach", "contiguous", "to", "float", "double"})
-_ALIASES = {"special_softmax": "softmax", "special_log_softmax": "log_softmax", "special_expit": "sigmoid",
-            "expit": "sigmoid", "subtract": "sub", "__sub__": "sub"}
+_ALIASES = {
+    "special_softmax": "softmax",
+    "special_log_softmax": "log_softmax",
+    "special_expit": "sigmoid",
+    "expit": "sigmoid",
+    "subtract": "sub",
+    "__sub__": "sub",
+}
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -104,7 +183,7 @@ class _Call:
 
 def _caller_line() -> str:
     """``file:line`` of the innermost frame outside torch and this package: the model's own code."""
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith((_TORCH_DIR, _PACKAGE_DIR)):
@@ -204,6 +283,7 @@ class _Tracer(TorchFunctionMode):
         )
         if len(sources) == 1 and constant and result.shape == sources[0].shape:
             entry = self._derived(sources[0])
+            assert entry is not None  # sources keeps only derived tensors
             self.derived[id(result)] = (result, entry[1], entry[2])
 
     def _derived(self, tensor: torch.Tensor) -> Optional[tuple]:
@@ -248,8 +328,16 @@ class _Tracer(TorchFunctionMode):
         entry = self.modules.pop()
         call = entry[2]
         if call is None:  # an activation that calls nothing we record (e.g. GLU): still a finding
-            call = _Call(type(module).__name__.lower(), self.index, args[0] if args else None, result,
-                         None, module, entry[1], None)
+            call = _Call(
+                type(module).__name__.lower(),
+                self.index,
+                args[0] if args else None,
+                result,
+                None,
+                module,
+                entry[1],
+                None,
+            )
             self.calls.append(call)
         elif call.name in _ACTIVATIONS and self.derived.get(id(result), (None,))[0] is not result:
             self.derived[id(result)] = (result, call, ())  # a hook of the module replaced its output
@@ -323,7 +411,8 @@ def _find_logits(traced: _Traced) -> _Logits:
         raise ValueError(
             f"model: no detectable logits: {traced.describe(lost[-1])} runs after the last "
             "parameterised layer, but forward does not return its result (later operations combine it "
-            "with other tensors or change its shape), so the values before it cannot be recovered. Make forward return the logits, or "
+            "with other tensors or change its shape), so the values before it cannot be recovered. "
+            "Make forward return the logits, or "
             "return the softmax / log_softmax / sigmoid result itself."
         )
     return _Logits(traced.tensor, "categorical", None, False)
@@ -352,9 +441,13 @@ class _Margin(nn.Module):
         return _margins(logits)
 
 
-_HEADS = {
-    "categorical": {"logits": nn.Identity, "probs": lambda: nn.Softmax(dim=1),
-                    "log_probs": lambda: nn.LogSoftmax(dim=1), "margin": _Margin},
+_HEADS: dict[str, dict[str, Callable[[], nn.Module]]] = {
+    "categorical": {
+        "logits": nn.Identity,
+        "probs": lambda: nn.Softmax(dim=1),
+        "log_probs": lambda: nn.LogSoftmax(dim=1),
+        "margin": _Margin,
+    },
     # Independent Bernoulli outputs: log(p / (1 - p)) of a sigmoid is its logit.
     "bernoulli": {"logits": nn.Identity, "probs": nn.Sigmoid, "log_probs": nn.LogSigmoid, "margin": nn.Identity},
 }
@@ -368,7 +461,7 @@ def _check_classes(found: _Logits, output: str) -> None:
     call = found.call
     bad_dim = call is not None and (call.input.dim() != 2 or call.dim != 1 or found.reshaped)
     if len(shape) != 2 or shape[1] < 2 or bad_dim:
-        detail = f" (softmax over dim {call.dim} of shape {tuple(call.input.shape)})" if bad_dim else ""
+        detail = f" (softmax over dim {call.dim} of shape {tuple(call.input.shape)})" if call and bad_dim else ""
         raise ValueError(
             f"output={output!r}: the model's logits have shape {shape}{detail}; probabilities over "
             "classes need logits of shape (batch, classes) with at least 2 classes and any softmax "
@@ -490,15 +583,17 @@ def find_output_nonlinearities(model: nn.Module, *example_inputs: Any, **example
         if call.index <= traced.tracer.last_param and call is not output_call:
             continue
         is_module = call.module is not None
-        findings.append(Finding(
-            name=call.name,
-            kind="module" if is_module else "functional",
-            where=traced.where(call),
-            hooks_can_see=is_module,
-            line=call.line,
-            module_type=type(call.module).__name__ if is_module else None,
-            dim=call.dim,
-            max_subtracted=call.unshifted is not None,
-            is_output=call is output_call,
-        ))
+        findings.append(
+            Finding(
+                name=call.name,
+                kind="module" if is_module else "functional",
+                where=traced.where(call),
+                hooks_can_see=is_module,
+                line=call.line,
+                module_type=type(call.module).__name__ if is_module else None,
+                dim=call.dim,
+                max_subtracted=call.unshifted is not None,
+                is_output=call is output_call,
+            )
+        )
     return findings

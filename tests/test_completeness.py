@@ -160,7 +160,9 @@ def test_deeplift_shap_averages_over_baselines(scenario, digits):
     model = ci.select_output(models["MaxSoftmaxMLP"], "logits")
     baselines = digits[0][100:104]
     report = quiet(ci.check_completeness, DeepLiftShap(model), x, target=y, baselines=baselines)
-    _, pair_delta = quiet(DeepLiftShap(model).attribute, x, baselines=baselines, target=y, return_convergence_delta=True)
+    _, pair_delta = quiet(
+        DeepLiftShap(model).attribute, x, baselines=baselines, target=y, return_convergence_delta=True
+    )
     # Captum's delta is per (example, baseline) pair; the attributions are their mean.
     torch.testing.assert_close(report.delta, pair_delta.reshape(6, 4).mean(1).double(), atol=1e-5, rtol=0)
     assert report.passed

@@ -70,7 +70,9 @@ def test_matches_captum_tensor_input(method, form):
 def test_matches_captum_tuple_input_with_args_and_chunks(form):
     model = TwoInputNet().eval()
     x, z, scale = torch.randn(6, 5), torch.randn(6, 3), torch.rand(6) + 0.5
-    kwargs = dict(target=TARGETS[form], additional_forward_args=(scale,), n_steps=16, baselines=(0.1, torch.randn(6, 3)))
+    kwargs = dict(
+        target=TARGETS[form], additional_forward_args=(scale,), n_steps=16, baselines=(0.1, torch.randn(6, 3))
+    )
     ours = ci.IntegratedGradients(model).attribute((x, z), internal_batch_size=7, **kwargs)
     ref = CaptumIG(model).attribute((x, z), **kwargs)
     assert isinstance(ours, tuple) and len(ours) == 2
@@ -112,8 +114,12 @@ def digits_models():
     y = torch.tensor(digits.target)
     mlp_model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     cnn = nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
     for model in (mlp_model, cnn):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -168,7 +174,7 @@ def test_auto_reports_examples_over_budget():
     with torch.no_grad():
         change = model(x) - model(torch.zeros_like(x))
     torch.testing.assert_close(conv.output_change, change.double())
-    missed = ((conv.delta.abs() > 1e-9 * change.abs() + 1e-6)).nonzero().flatten().tolist()
+    missed = (conv.delta.abs() > 1e-9 * change.abs() + 1e-6).nonzero().flatten().tolist()
     assert conv.not_converged == missed and missed and (conv.n_steps <= 16).all()
     with pytest.warns(CompletenessWarning):  # the smallest budget stops after one pass
         ig.attribute(x, n_steps="auto", completeness_rtol=1e-9, max_steps=1)
@@ -179,8 +185,9 @@ def test_noise_tunnel_and_infidelity():
     model = mlp()
     x = torch.randn(3, 5)
     nt = NoiseTunnel(ci.IntegratedGradients(model))
-    attr, delta = nt.attribute(x, nt_type="smoothgrad", nt_samples=4, stdevs=0.1, target=1, n_steps=16,
-                               return_convergence_delta=True)
+    attr, delta = nt.attribute(
+        x, nt_type="smoothgrad", nt_samples=4, stdevs=0.1, target=1, n_steps=16, return_convergence_delta=True
+    )
     assert attr.shape == x.shape and delta.shape == (12,) and torch.isfinite(delta).all()
 
     def perturb(inputs):
@@ -208,8 +215,13 @@ def test_layer_ig_matches_captum(to_input):
     model = Tokens().eval()
     tokens = torch.randint(1, 12, (5, 7))
     layer = model.emb if not to_input else model.head
-    kwargs = dict(baselines=0, target=[0, 1, 2, 1, 0], n_steps=25, attribute_to_layer_input=to_input,
-                  return_convergence_delta=True)
+    kwargs = dict(
+        baselines=0,
+        target=[0, 1, 2, 1, 0],
+        n_steps=25,
+        attribute_to_layer_input=to_input,
+        return_convergence_delta=True,
+    )
     ours, d_ours = ci.LayerIntegratedGradients(model, layer).attribute(tokens, internal_batch_size=9, **kwargs)
     ref, d_ref = CaptumLIG(model, layer).attribute(tokens, **kwargs)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
@@ -284,7 +296,11 @@ def test_layer_run_twice_is_an_error():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(baselines=torch.zeros(2, 5)), ValueError, r"baselines\[0\]: expected shape \(6, 5\) or \(1, 5\) to match inputs\[0\]; got \(2, 5\)"),
+        (
+            dict(baselines=torch.zeros(2, 5)),
+            ValueError,
+            r"baselines\[0\]: expected shape \(6, 5\) or \(1, 5\) to match inputs\[0\]; got \(2, 5\)",
+        ),
         (dict(baselines=(0, 0)), ValueError, "baselines: expected 1 baseline"),
         (dict(target=4), ValueError, r"target: index \(4,\) for example 0 is out of range"),
         (dict(target=[0, 1]), ValueError, r"target: a list target needs one entry per example \(6\); got 2"),
@@ -296,7 +312,11 @@ def test_layer_run_twice_is_an_error():
         (dict(target=0, method="simpson"), ValueError, "method: expected one of"),
         (dict(target=0, internal_batch_size=0), ValueError, "internal_batch_size: expected a positive int"),
         (dict(target=0, completeness_rtol=-1.0), ValueError, "completeness_rtol: expected a positive float"),
-        (dict(target=0, additional_forward_args=torch.ones(3)), ValueError, r"additional_forward_args\[0\]: .*batch size 6"),
+        (
+            dict(target=0, additional_forward_args=torch.ones(3)),
+            ValueError,
+            r"additional_forward_args\[0\]: .*batch size 6",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -381,8 +401,14 @@ def relu_cnn():
     x = torch.tensor(digits.data, dtype=torch.float32) / 16
     y = torch.tensor(digits.target)
     net = nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(3):
@@ -429,8 +455,9 @@ def test_layer_ig_auto_reaches_completeness_in_probs(relu_cnn):
     assert lig.convergence.converged.all()
     # At fixed steps the same layer attributions equal Captum's.
     ours = lig.attribute(x, target=y, n_steps=20)
-    torch.testing.assert_close(ours, CaptumLIG(forward, model.net[2]).attribute(x, target=y, n_steps=20),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ours, CaptumLIG(forward, model.net[2]).attribute(x, target=y, n_steps=20), atol=1e-5, rtol=1e-4
+    )
 
 
 class _CubeWithoutForwardMode(torch.autograd.Function):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import DeepLift, IntegratedGradients
+from helpers import tiny_bert
 from torch import nn
 
 import captum_influence as ci
-from helpers import tiny_bert
 
 
 class Body(nn.Module):
@@ -73,8 +73,15 @@ class FunctionalLogSoftmax(Body):
         return F.log_softmax(z - torch.amax(z, dim=1, keepdim=True).detach(), dim=1)
 
 
-SOFTMAX_MODELS = [SoftmaxModule, LogSoftmaxModule, FunctionalSoftmax, TorchSoftmax, MethodSoftmax,
-                  MaxSubtracted, FunctionalLogSoftmax]
+SOFTMAX_MODELS = [
+    SoftmaxModule,
+    LogSoftmaxModule,
+    FunctionalSoftmax,
+    TorchSoftmax,
+    MethodSoftmax,
+    MaxSubtracted,
+    FunctionalLogSoftmax,
+]
 ALL_MODELS = [Body] + SOFTMAX_MODELS
 
 
@@ -114,7 +121,10 @@ def test_gradients_reach_the_inputs(cls):
     model = cls()
     x = torch.randn(5, 6, requires_grad=True)
     w = torch.randn(5, 4)
-    for output, reference in (("logits", lambda t: model.logits(t)), ("probs", lambda t: torch.softmax(model.logits(t), 1))):
+    for output, reference in (
+        ("logits", lambda t: model.logits(t)),
+        ("probs", lambda t: torch.softmax(model.logits(t), 1)),
+    ):
         got = torch.autograd.grad((ci.select_output(model, output)(x) * w).sum(), x)[0]
         want = torch.autograd.grad((reference(x) * w).sum(), x)[0]
         torch.testing.assert_close(got, want)
@@ -185,7 +195,12 @@ def test_findings_for_a_max_subtracted_functional_softmax():
 @pytest.mark.parametrize("cls,name", [(SoftmaxModule, "softmax"), (LogSoftmaxModule, "log_softmax")])
 def test_findings_for_a_trailing_module(cls, name):
     (finding,) = ci.find_output_nonlinearities(cls(), torch.randn(3, 6))
-    assert (finding.name, finding.kind, finding.where, finding.module_type) == (name, "module", "out", cls().out.__class__.__name__)
+    assert (finding.name, finding.kind, finding.where, finding.module_type) == (
+        name,
+        "module",
+        "out",
+        cls().out.__class__.__name__,
+    )
     assert finding.hooks_can_see and finding.is_output and not finding.max_subtracted
     assert "self.out(self.logits(x))" in source_line(finding.line)
 
@@ -283,7 +298,9 @@ def test_keyword_inputs_and_a_softmax_in_the_logits_field(wrap):
     assert torch.equal(logits, g)  # the values before the softmax, not the field's probabilities
     probs = ci.select_output(model, "probs", example_inputs={"x": x, "scale": 2.0})
     torch.testing.assert_close(probs(x=x, scale=2.0).double(), torch.softmax(g.double(), 1))
-    torch.testing.assert_close(ci.select_output(model, "margin")(x, scale=2.0).double(), margin64(g), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ci.select_output(model, "margin")(x, scale=2.0).double(), margin64(g), atol=1e-5, rtol=1e-5
+    )
     (finding,) = ci.find_output_nonlinearities(model, x=x, scale=2.0)
     assert (finding.name, finding.kind, finding.dim, finding.is_output) == ("softmax", "functional", 1, True)
     assert "F.softmax(scale * self.fc2(hidden), dim=1)" in source_line(finding.where)
@@ -343,7 +360,9 @@ def test_margin_head_at_extreme_logits(classes):
 
 
 def test_unknown_output_name():
-    with pytest.raises(ValueError, match="output: expected one of 'logits', 'probs', 'log_probs', 'margin'; got 'softmax'"):
+    with pytest.raises(
+        ValueError, match="output: expected one of 'logits', 'probs', 'log_probs', 'margin'; got 'softmax'"
+    ):
         ci.select_output(Body(), "softmax")
 
 
