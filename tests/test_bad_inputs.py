@@ -86,104 +86,177 @@ def _cases() -> list[Case]:
     for cls in TRACIN:
         for call, fn in CALLS.items():
             if call != "compute_intermediate_quantities":
-                cases.append(Case(
-                    f"{cls}.{call}: NaN training input",
-                    lambda cls=cls, fn=fn: fn(_tracin(cls, _model(), _train(_nan_at(x, BAD_TRAIN))), test),
-                    ("train_dataset", f"[{BAD_TRAIN}]"),
-                ))
+                cases.append(
+                    Case(
+                        f"{cls}.{call}: NaN training input",
+                        lambda cls=cls, fn=fn: fn(_tracin(cls, _model(), _train(_nan_at(x, BAD_TRAIN))), test),
+                        ("train_dataset", f"[{BAD_TRAIN}]"),
+                    )
+                )
             if call != "self_influence":
-                cases.append(Case(
-                    f"{cls}.{call}: NaN test input",
-                    lambda cls=cls, fn=fn: fn(_tracin(cls, _model(), _train()), (_nan_at(test[0], BAD_TEST), test[1])),
-                    ("inputs", f"[{BAD_TEST}]"),
-                ))
-            cases.append(Case(
-                f"{cls}.{call}: NaN in a checkpoint's weights",
-                lambda cls=cls, fn=fn: fn(_tracin(cls, (m := _model()), _train(), _nan_checkpoint(m)), test),
-                ("checkpoints", "checkpoint 1", "0.weight"),
-            ))
-        cases.append(Case(
-            f"{cls}.self_influence(inputs): NaN input",
-            lambda cls=cls: _tracin(cls, _model(), _train()).self_influence((_nan_at(test[0], BAD_TEST), test[1])),
-            ("inputs", f"[{BAD_TEST}]"),
-        ))
+                cases.append(
+                    Case(
+                        f"{cls}.{call}: NaN test input",
+                        lambda cls=cls, fn=fn: fn(
+                            _tracin(cls, _model(), _train()), (_nan_at(test[0], BAD_TEST), test[1])
+                        ),
+                        ("inputs", f"[{BAD_TEST}]"),
+                    )
+                )
+            cases.append(
+                Case(
+                    f"{cls}.{call}: NaN in a checkpoint's weights",
+                    lambda cls=cls, fn=fn: fn(_tracin(cls, (m := _model()), _train(), _nan_checkpoint(m)), test),
+                    ("checkpoints", "checkpoint 1", "0.weight"),
+                )
+            )
+        cases.append(
+            Case(
+                f"{cls}.self_influence(inputs): NaN input",
+                lambda cls=cls: _tracin(cls, _model(), _train()).self_influence((_nan_at(test[0], BAD_TEST), test[1])),
+                ("inputs", f"[{BAD_TEST}]"),
+            )
+        )
     cases += [
-        Case("IntegratedGradients: inf input",
-             lambda: ci.IntegratedGradients(_model()).attribute(_inf_at(test[0], BAD_TEST), target=0),
-             ("inputs", f"[{BAD_TEST}]")),
-        Case("LayerIntegratedGradients: inf input",
-             lambda: ci.LayerIntegratedGradients((m := _model()), m[0]).attribute(_inf_at(test[0], BAD_TEST), target=0),
-             ("inputs", f"[{BAD_TEST}]")),
-        Case("IntegratedGradients: NaN baseline",
-             lambda: ci.IntegratedGradients(_model()).attribute(test[0], baselines=_nan_at(test[0], 0), target=0),
-             ("baselines", "[0]")),
-        Case("RRRLoss: NaN mask",
-             lambda: ci.RRRLoss(1.0)(_model(), x, y, torch.tensor([1.0, float("nan"), 0.0, 1.0])), ("mask",)),
-        Case("RRRLoss: NaN input",
-             lambda: ci.RRRLoss(1.0)(_model(), _nan_at(x, BAD_TRAIN), y, torch.ones(WIDTH)),
-             ("inputs", f"[{BAD_TRAIN}]")),
-        Case("Projector.project: NaN grads",
-             lambda: ci.Projector(WIDTH, 2).project(_nan_at(x, BAD_TRAIN)), ("grads", f"[{BAD_TRAIN}]")),
+        Case(
+            "IntegratedGradients: inf input",
+            lambda: ci.IntegratedGradients(_model()).attribute(_inf_at(test[0], BAD_TEST), target=0),
+            ("inputs", f"[{BAD_TEST}]"),
+        ),
+        Case(
+            "LayerIntegratedGradients: inf input",
+            lambda: ci.LayerIntegratedGradients((m := _model()), m[0]).attribute(_inf_at(test[0], BAD_TEST), target=0),
+            ("inputs", f"[{BAD_TEST}]"),
+        ),
+        Case(
+            "IntegratedGradients: NaN baseline",
+            lambda: ci.IntegratedGradients(_model()).attribute(test[0], baselines=_nan_at(test[0], 0), target=0),
+            ("baselines", "[0]"),
+        ),
+        Case(
+            "RRRLoss: NaN mask",
+            lambda: ci.RRRLoss(1.0)(_model(), x, y, torch.tensor([1.0, float("nan"), 0.0, 1.0])),
+            ("mask",),
+        ),
+        Case(
+            "RRRLoss: NaN input",
+            lambda: ci.RRRLoss(1.0)(_model(), _nan_at(x, BAD_TRAIN), y, torch.ones(WIDTH)),
+            ("inputs", f"[{BAD_TRAIN}]"),
+        ),
+        Case(
+            "Projector.project: NaN grads",
+            lambda: ci.Projector(WIDTH, 2).project(_nan_at(x, BAD_TRAIN)),
+            ("grads", f"[{BAD_TRAIN}]"),
+        ),
     ]
     # --- the raw errors of issue 14, each a clear one
     for cls in TRACIN:
         cases += [
-            Case(f"{cls}: training inputs of the wrong width",
-                 lambda cls=cls: _tracin(cls, _model(), _train(torch.randn(N_TRAIN, WIDTH + 1))).influence(test, k=None),
-                 ("train_dataset", f"({N_TRAIN - 12}, {WIDTH + 1})")),
-            Case(f"{cls}: integer training inputs",
-                 lambda cls=cls: _tracin(cls, _model(), _train(torch.randint(0, 5, (N_TRAIN, WIDTH)))).self_influence(),
-                 ("train_dataset", "int64", "float32")),
-            Case(f"{cls}: float64 training inputs",
-                 lambda cls=cls: _tracin(cls, _model(), _train(x.double())).influence(test, k=None),
-                 ("train_dataset", "float64", "float32")),
-            Case(f"{cls}: labels out of range in training data",
-                 lambda cls=cls: _tracin(cls, _model(), _train(y=torch.where(y == 0, CLASSES, y))).self_influence(),
-                 ("train_dataset", f"[0, {CLASSES})")),
-            Case(f"{cls}: labels out of range in test data",
-                 lambda cls=cls: _tracin(cls, _model(), _train()).influence((test[0], test[1] + CLASSES), k=None),
-                 ("inputs", f"[0, {CLASSES})")),
-            Case(f"{cls}: float labels with cross-entropy",
-                 lambda cls=cls: _tracin(cls, _model(), _train(y=y.float())).self_influence(),
-                 ("train_dataset", "float32", "class indices")),
-            Case(f"{cls}: empty test batch",
-                 lambda cls=cls: _tracin(cls, _model(), _train()).influence((test[0][:0], test[1][:0]), k=None),
-                 ("inputs", "empty")),
+            Case(
+                f"{cls}: training inputs of the wrong width",
+                lambda cls=cls: _tracin(cls, _model(), _train(torch.randn(N_TRAIN, WIDTH + 1))).influence(test, k=None),
+                ("train_dataset", f"({N_TRAIN - 12}, {WIDTH + 1})"),
+            ),
+            Case(
+                f"{cls}: integer training inputs",
+                lambda cls=cls: _tracin(cls, _model(), _train(torch.randint(0, 5, (N_TRAIN, WIDTH)))).self_influence(),
+                ("train_dataset", "int64", "float32"),
+            ),
+            Case(
+                f"{cls}: float64 training inputs",
+                lambda cls=cls: _tracin(cls, _model(), _train(x.double())).influence(test, k=None),
+                ("train_dataset", "float64", "float32"),
+            ),
+            Case(
+                f"{cls}: labels out of range in training data",
+                lambda cls=cls: _tracin(cls, _model(), _train(y=torch.where(y == 0, CLASSES, y))).self_influence(),
+                ("train_dataset", f"[0, {CLASSES})"),
+            ),
+            Case(
+                f"{cls}: labels out of range in test data",
+                lambda cls=cls: _tracin(cls, _model(), _train()).influence((test[0], test[1] + CLASSES), k=None),
+                ("inputs", f"[0, {CLASSES})"),
+            ),
+            Case(
+                f"{cls}: float labels with cross-entropy",
+                lambda cls=cls: _tracin(cls, _model(), _train(y=y.float())).self_influence(),
+                ("train_dataset", "float32", "class indices"),
+            ),
+            Case(
+                f"{cls}: empty test batch",
+                lambda cls=cls: _tracin(cls, _model(), _train()).influence((test[0][:0], test[1][:0]), k=None),
+                ("inputs", "empty"),
+            ),
         ]
     cases += [
-        Case("TracInCP: dataset items without a label",
-             lambda: ci.TracInCP(_model(), TensorDataset(x), [_model().state_dict()]), ("train_dataset", "label")),
-        Case("TRAK: dataset items without a label",
-             lambda: ci.TRAK(_model(), TensorDataset(x), [_model().state_dict()]), ("train_dataset", "label")),
-        Case("TRAK: empty test batch",
-             lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], projection_dim=None).influence(
-                 (test[0][:0], test[1][:0])), ("inputs", "empty")),
-        Case("per_example_grads: empty batch",
-             lambda: ci.per_example_grads(_model(), lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"),
-                                          (test[0][:0], test[1][:0])), ("inputs", "empty")),
-        Case("RRRLoss: labels out of range",
-             lambda: ci.RRRLoss(1.0)(_model(), x, torch.where(y == 0, CLASSES, y), torch.ones(WIDTH)),
-             ("labels", f"[0, {CLASSES})")),
-        Case("TracInCP: device='tpu'", lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], device="tpu"),
-             ("device", "tpu")),
-        Case("TRAK: device='tpu'", lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], device="tpu"),
-             ("device", "tpu")),
-        Case("check_completeness: n_steps=0",
-             lambda: ci.check_completeness(CaptumIG(_model()), test[0], target=0, n_steps=0), ("n_steps", "0")),
-        Case("find_output_nonlinearities: wrong input shape",
-             lambda: ci.find_output_nonlinearities(_model(), torch.randn(2, WIDTH + 3)),
-             ("example_inputs", f"(2, {WIDTH + 3})")),
-        Case("TracInCP: projection_dim above the gradient dimension",
-             lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], projection_dim=10**6).influence(test),
-             ("projection_dim", "67")),
+        Case(
+            "TracInCP: dataset items without a label",
+            lambda: ci.TracInCP(_model(), TensorDataset(x), [_model().state_dict()]),
+            ("train_dataset", "label"),
+        ),
+        Case(
+            "TRAK: dataset items without a label",
+            lambda: ci.TRAK(_model(), TensorDataset(x), [_model().state_dict()]),
+            ("train_dataset", "label"),
+        ),
+        Case(
+            "TRAK: empty test batch",
+            lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], projection_dim=None).influence(
+                (test[0][:0], test[1][:0])
+            ),
+            ("inputs", "empty"),
+        ),
+        Case(
+            "per_example_grads: empty batch",
+            lambda: ci.per_example_grads(
+                _model(), lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"), (test[0][:0], test[1][:0])
+            ),
+            ("inputs", "empty"),
+        ),
+        Case(
+            "RRRLoss: labels out of range",
+            lambda: ci.RRRLoss(1.0)(_model(), x, torch.where(y == 0, CLASSES, y), torch.ones(WIDTH)),
+            ("labels", f"[0, {CLASSES})"),
+        ),
+        Case(
+            "TracInCP: device='tpu'",
+            lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], device="tpu"),
+            ("device", "tpu"),
+        ),
+        Case(
+            "TRAK: device='tpu'",
+            lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], device="tpu"),
+            ("device", "tpu"),
+        ),
+        Case(
+            "check_completeness: n_steps=0",
+            lambda: ci.check_completeness(CaptumIG(_model()), test[0], target=0, n_steps=0),
+            ("n_steps", "0"),
+        ),
+        Case(
+            "find_output_nonlinearities: wrong input shape",
+            lambda: ci.find_output_nonlinearities(_model(), torch.randn(2, WIDTH + 3)),
+            ("example_inputs", f"(2, {WIDTH + 3})"),
+        ),
+        Case(
+            "TracInCP: projection_dim above the gradient dimension",
+            lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], projection_dim=10**6).influence(test),
+            ("projection_dim", "67"),
+        ),
         Case("Projector(10, 50_000_000)", lambda: ci.Projector(10, 50_000_000), ("projection_dim", "10")),
     ]
     if not torch.cuda.is_available():
         cases += [
-            Case("TracInCP: device='cuda' without CUDA",
-                 lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], device="cuda"), ("device", "CUDA")),
-            Case("TRAK: device='cuda' without CUDA",
-                 lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], device="cuda"), ("device", "CUDA")),
+            Case(
+                "TracInCP: device='cuda' without CUDA",
+                lambda: ci.TracInCP(_model(), _train(), [_model().state_dict()], device="cuda"),
+                ("device", "CUDA"),
+            ),
+            Case(
+                "TRAK: device='cuda' without CUDA",
+                lambda: ci.TRAK(_model(), _train(), [_model().state_dict()], device="cuda"),
+                ("device", "CUDA"),
+            ),
         ]
     return cases
 

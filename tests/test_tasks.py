@@ -3,6 +3,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_bert
 from torch import nn
 from torch.utils._pytree import tree_map
 
@@ -15,7 +16,6 @@ from captum_influence.tasks import (
     TextClassificationOutput,
     get_task,
 )
-from helpers import tiny_bert
 
 
 class Given(nn.Module):
@@ -192,15 +192,20 @@ def test_text_classification_inputs_with_and_without_token_type_ids():
     task = TextClassificationOutput()
     named = TextClassificationOutput(input_keys=("input_ids", "token_type_ids", "attention_mask"))
     for task_, batch, logits in (
-        (task, ({"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}, y), model(ids, mask, kinds).logits),
+        (
+            task,
+            ({"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}, y),
+            model(ids, mask, kinds).logits,
+        ),
         (task, (ids, mask, kinds, y), model(ids, mask, kinds).logits),  # positional, in the batch's order
         (task, (ids, mask, y), model(ids, mask).logits),
         (task, ({"input_ids": ids, "attention_mask": mask}, y), model(ids, mask).logits),
         (named, (ids, kinds, mask, y), model(ids, mask, kinds).logits),  # named, so passed as keywords
     ):
         torch.testing.assert_close(task_.output(model, batch), ClassificationOutput().output(Given(), (logits, y)))
-        torch.testing.assert_close(task_.out_to_loss_grad(model, batch),
-                                   ClassificationOutput().out_to_loss_grad(Given(), (logits, y)))
+        torch.testing.assert_close(
+            task_.out_to_loss_grad(model, batch), ClassificationOutput().out_to_loss_grad(Given(), (logits, y))
+        )
     chosen = TextClassificationOutput(input_keys=("input_ids", "attention_mask"))
     encoding = {"input_ids": ids, "token_type_ids": kinds, "attention_mask": mask}
     torch.testing.assert_close(chosen.output(model, (encoding, y)), task.output(model, (ids, mask, y)))
@@ -336,7 +341,9 @@ def test_get_task():
     assert isinstance(get_task(RegressionOutput), RegressionOutput)
     task = ClassificationOutput(temperature=3.0)
     assert get_task(task) is task
-    with pytest.raises(ValueError, match="task: expected a ModelOutput instance or subclass, or one of 'classification'.*got 'image'"):
+    with pytest.raises(
+        ValueError, match="task: expected a ModelOutput instance or subclass, or one of 'classification'.*got 'image'"
+    ):
         get_task("image")
     with pytest.raises(TypeError, match="task: expected a ModelOutput .* got 3"):
         get_task(3)
@@ -345,22 +352,37 @@ def test_get_task():
 
 def test_bad_classification_inputs():
     task = ClassificationOutput()
-    with pytest.raises(ValueError, match=r"batch: labels must be class indices, an integer Tensor of shape \(4,\); got dtype torch.float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch: labels must be class indices, an integer Tensor of shape \(4,\); got dtype torch.float32",
+    ):
         task.output(Given(), (torch.randn(4, 3), torch.rand(4)))
-    with pytest.raises(ValueError, match=r"model: ClassificationOutput needs logits of shape \(batch, classes\) with at least 2 classes; got \(4, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model: ClassificationOutput needs logits of shape \(batch, classes\) "
+        r"with at least 2 classes; got \(4, 1\)",
+    ):
         task.output(Given(), (torch.randn(4, 1), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="temperature: expected a positive float; got 0"):
         ClassificationOutput(temperature=0)
     with pytest.raises(ValueError, match="batch: expected a tuple"):
         task.output(Given(), torch.randn(4, 3))
     ids, kinds, mask, y = text_batch()
-    with pytest.raises(ValueError, match=r"batch: 4 model inputs before the labels, but input_keys names 2: "
-                       r"\['input_ids', 'attention_mask'\]; pass one name per input"):
-        TextClassificationOutput(input_keys=("input_ids", "attention_mask")).output(TextModel(), (ids, kinds, mask, mask, y))
+    with pytest.raises(
+        ValueError,
+        match=r"batch: 4 model inputs before the labels, but input_keys names 2: "
+        r"\['input_ids', 'attention_mask'\]; pass one name per input",
+    ):
+        TextClassificationOutput(input_keys=("input_ids", "attention_mask")).output(
+            TextModel(), (ids, kinds, mask, mask, y)
+        )
     with pytest.raises(ValueError, match=r"batch: the encoding lacks \['token_type_ids'\]"):
         TextClassificationOutput(input_keys=("input_ids", "token_type_ids")).output(
-            TextModel(), ({"input_ids": ids, "attention_mask": mask}, y))
-    with pytest.raises(ValueError, match=r"model: RegressionOutput needs outputs of shape \(batch,\) or \(batch, 1\); got \(4, 3\)"):
+            TextModel(), ({"input_ids": ids, "attention_mask": mask}, y)
+        )
+    with pytest.raises(
+        ValueError, match=r"model: RegressionOutput needs outputs of shape \(batch,\) or \(batch, 1\); got \(4, 3\)"
+    ):
         RegressionOutput().output(Given(), (torch.randn(4, 3), torch.randn(4)))
 
 
@@ -370,8 +392,11 @@ def test_labels_out_of_range_name_the_examples_and_vmap_still_works():
     for task in (ClassificationOutput(), TextClassificationOutput(input_keys=("input",))):
         model = (lambda input: input) if isinstance(task, TextClassificationOutput) else Given()
         for call in (task.out_to_loss_grad, task.loss):
-            with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\) for the model's 3 "
-                               r"classes; got \[3, -1\] at positions \[1, 3\] of the batch"):
+            with pytest.raises(
+                ValueError,
+                match=r"labels: expected class indices in \[0, 3\) for the model's 3 "
+                r"classes; got \[3, -1\] at positions \[1, 3\] of the batch",
+            ):
                 call(model, (logits, labels))
     # The check stays out of output, which per_example_grads runs under vmap.
     model = mlp(classes=3)
@@ -387,7 +412,11 @@ def test_labels_out_of_range_name_the_examples_and_vmap_still_works():
 def test_prepare_rejects_a_model_that_returns_probabilities():
     batches = [(torch.randn(4, 6), torch.randint(0, 4, (4,)))]
     model = nn.Sequential(mlp(), nn.Softmax(dim=1))
-    with pytest.raises(ValueError, match=r"model: forward returns the result of softmax \(module '1', called at .*\), not logits; .*ci.select_output\(model, 'logits'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model: forward returns the result of softmax \(module '1', called at .*\), not logits; "
+        r".*ci.select_output\(model, 'logits'\)",
+    ):
         ClassificationOutput().prepare(model, batches)
     ClassificationOutput().prepare(ci.select_output(model, "logits"), batches)
     ClassificationOutput().prepare(mlp(), batches)

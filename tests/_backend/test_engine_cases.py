@@ -11,10 +11,6 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
-
-import captum_influence as ci
-from captum_influence._backend import LayerGrads
 from helpers import (
     BatchMaxNet,
     BatchMeanNet,
@@ -33,17 +29,21 @@ from helpers import (
     loop_grads,
     modes,
     state_of,
-    trak_reference,
     tracin_reference,
+    trak_reference,
     user_warnings,
 )
+from torch.utils.data import TensorDataset
+
+import captum_influence as ci
+from captum_influence._backend import LayerGrads
 
 N_TRAIN, N_TEST, BATCH = 12, 5, 8  # two training batches, of 8 and 4 examples
 DAMPING = 0.1
 
 # name: (model class, input maker (n) -> inputs, number of classes)
 _vectors = lambda n: torch.randn(n, 4, dtype=torch.float64)
-_tokens = lambda vocab, length: (lambda n: torch.randint(0, vocab, (n, length)))
+_tokens = lambda vocab, length: lambda n: torch.randint(0, vocab, (n, length))
 CASES = {
     "batch_max": (BatchMaxNet, _vectors, 3),
     "batch_mean": (BatchMeanNet, _vectors, 3),
@@ -147,7 +147,8 @@ def test_vmap_failure_warning_names_the_module_and_the_source_line(engine):
     with pytest.warns(UserWarning) as record:
         ours = compute()
     found = [
-        m for m in user_warnings(record)
+        m
+        for m in user_warnings(record)
         if re.search(r"\bgate\b", m) and "helpers.py" in m and re.search(rf"\bline {line}\b", m)
     ]
     assert found, f"no warning names 'gate', helpers.py and line {line}: {user_warnings(record)}"
@@ -234,8 +235,15 @@ def test_methods_give_back_the_callers_weights(method):
 def test_trak_equals_the_loop_reference(name):
     model, train, test = build(name)
     reference = trak_reference(model, train, test, DAMPING)
-    trak = ci.TRAK(model, TensorDataset(*train), [state_of(model)], projection_dim=None, damping=DAMPING,
-                   batch_size=BATCH, task="classification")
+    trak = ci.TRAK(
+        model,
+        TensorDataset(*train),
+        [state_of(model)],
+        projection_dim=None,
+        damping=DAMPING,
+        batch_size=BATCH,
+        task="classification",
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         scores = trak.influence(test)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import neg_ce_fn
 from torch import nn
 
 import captum_influence as ci
 from captum_influence._backend import VmapUnsupportedError
-from helpers import neg_ce_fn
 
 
 def loop_grads(model, fn, inputs, names):
@@ -17,8 +17,10 @@ def loop_grads(model, fn, inputs, names):
         one = tuple({k: v[b : b + 1] for k, v in x.items()} if isinstance(x, dict) else x[b : b + 1] for x in inputs)
         out = fn(model, *one)[0]
         rows.append(torch.autograd.grad(out, [table[n] for n in names], allow_unused=True))
-    return {n: torch.stack([r[i] if r[i] is not None else torch.zeros_like(table[n]) for r in rows]) for i, n in enumerate(names)}
-
+    return {
+        n: torch.stack([r[i] if r[i] is not None else torch.zeros_like(table[n]) for r in rows])
+        for i, n in enumerate(names)
+    }
 
 
 class ConvNet(nn.Module):

@@ -6,7 +6,13 @@ from torch import nn
 
 from captum_influence._backend import LayerGrads, per_example_grads
 from captum_influence._backend.grads import _loop_grads
-from captum_influence._backend.layer_rules import LayerRule, factorised_norms, factorised_scores, register_rule, rule_for
+from captum_influence._backend.layer_rules import (
+    LayerRule,
+    factorised_norms,
+    factorised_scores,
+    register_rule,
+    rule_for,
+)
 
 
 class _Tokens(nn.Module):

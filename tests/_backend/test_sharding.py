@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import neg_ce_fn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,10 +20,8 @@ from captum_influence._backend.sharding import (
     topk_sharded,
 )
 from captum_influence._data import iter_batches
-from helpers import neg_ce_fn
 
 N, BATCH, K, BLOCK = 45, 4, 16, 8  # 12 batches, the last one short; 6 key blocks
-
 
 
 def problem():
@@ -101,8 +100,13 @@ def test_two_gloo_ranks_equal_one_process_and_resume_after_a_kill(tmp_path):
     torch.set_num_threads(1)
     try:
         lg = LayerGrads(model)
-        ref = fill_rows(with_start(iter_batches(loader)), lambda item: lg.project(neg_ce_fn, item[1], projector),
-                        n_rows=N, dim=K, n_batches=len(loader))
+        ref = fill_rows(
+            with_start(iter_batches(loader)),
+            lambda item: lg.project(neg_ce_fn, item[1], projector),
+            n_rows=N,
+            dim=K,
+            n_batches=len(loader),
+        )
         q = lg.project(neg_ce_fn, test, projector)
         ref_scores = scores(q, ref, block_size=BLOCK)
         ref_weighted = scores(q, ref, block_size=BLOCK, transform=lambda b, s, e: b * torch.arange(s, e))
@@ -141,8 +145,9 @@ def silent_rank_worker(rank: int, tmp: str) -> None:
 
     from captum_influence._backend.sharding import barrier, collective_timeout
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=2))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=2)
+    )
     if rank == 1:
         time.sleep(6)
         return
