@@ -43,13 +43,18 @@ from .tasks import ClassificationOutput, ModelOutput, RegressionOutput, get_task
 # (the mean eigenvalue of the n x n kernel Phi Phi^T). Unlike trace(G) / k it does not shrink as the
 # projection grows, so k >= n_train stays well posed; on digits LDS is flat for 1 <= factor <= 3.
 _AUTO_DAMPING = 1.0
-# "auto" projection: a projection to this many dimensions, or exact gradients up to twice as many
-# parameters, where a projection would save at most half the features at P k work per example. On
-# digits (500 train, 100 targets, LDS over 40 retrained models, one model) an MLP of 2,410 parameters
-# has LDS 0.647 in 1.17 s with exact gradients, 0.620 in 1.10 s projected to 2048 and 0.550 in
-# 1.14 s to 512; one of 9,610 parameters 0.682 in 5.9 s at 2048, 0.664 in 3.3 s at 1024, 0.630 in
-# 1.6 s at 512 (benchmarks/lds_time.py: more models at a smaller k reach the same LDS sooner).
+# "auto" projection, set by cost. Exact gradients up to _AUTO_EXACT_DIM parameters: a projection
+# would save at most half the features at P k work per example. Above, k = P / 16 rounded down to a
+# power of two in [512, 2048]: on small models the k x k Gram matrix, its factor and the P k
+# products dominate, and along the ensemble the LDS bought per second is the same at any k, so a
+# small k gives a fast first model and more models buy the rest. On digits (500 train, 100 targets,
+# LDS over 40 retrained models): an MLP of 2,410 parameters has LDS 0.647 in 1.17 s with exact
+# gradients, 0.620 in 1.10 s projected to 2048; one of 9,610 parameters 0.630 in 1.6 s at k = 512
+# (0.659 in 2.7 s with 2 models), 0.664 in 3.3 s at 1024, 0.682 in 5.9 s at 2048 (0.684 in 5.7 s
+# at 1024 with 2 models).
 _AUTO_PROJECTION_DIM = 2048
+_AUTO_MIN_DIM = 512
+_AUTO_COMPRESSION = 16
 _AUTO_EXACT_DIM = 2 * _AUTO_PROJECTION_DIM
 _INVERSE_SCALINGS = ("none", "mean_abs")
 _PROJECTIONS = ("dense", "factored")
@@ -99,11 +104,12 @@ def _solve_for(
 
 
 def _auto_projection_dim(grad_dim: int) -> Optional[int]:
-    """The "auto" rule: None (exact gradients) for at most 4096 parameters, else a projection
-    to 2048. LDS grows with k when the damping is "auto", so k is capped by cost (G is k x k, the
-    keys n_train x k per checkpoint); below 2 k parameters projecting costs P k per example and
-    loses accuracy for at most half the features saved, so the gradients stay exact."""
-    return None if grad_dim <= _AUTO_EXACT_DIM else _AUTO_PROJECTION_DIM
+    """The "auto" rule: None (exact gradients) for at most 4096 parameters, else grad_dim / 16
+    rounded down to a power of two, clamped to [512, 2048] (see the constants' comment)."""
+    if grad_dim <= _AUTO_EXACT_DIM:
+        return None
+    k = 2 ** int(math.log2(grad_dim // _AUTO_COMPRESSION))
+    return min(max(k, _AUTO_MIN_DIM), _AUTO_PROJECTION_DIM)
 
 
 def _auto_batch_size(model: nn.Module, names: list[str]) -> int:
@@ -196,8 +202,9 @@ class TRAK(GradientFeatureInfluence):
         task: a ``ModelOutput`` (instance, subclass or name, see ``captum_influence.tasks``).
         projection_dim: int k, None (exact gradients, no projection), or "auto": exact gradients
             for models with at most 4096 parameters (in ``layers``), where a projection would cost
-            more than it saves, else a projection to 2048. For a given LDS, more checkpoints at a
-            smaller k can be faster than one at 2048 (see benchmarks/lds_time.py).
+            more than it saves, else P / 16 rounded down to a power of two in [512, 2048] (2048 from
+            32,768 parameters). On small models the LDS bought per second is the same at any k, so
+            the default starts cheap: add checkpoints for a higher LDS (benchmarks/lds_time.py).
         projection: "dense" (one random matrix over all parameters) or "factored": each Linear and
             Conv layer's input and output gradient are projected separately and their outer
             product kept (as LoGra does), about sqrt(P k) work per layer instead of P k, so that

@@ -249,10 +249,13 @@ def test_auto_projection_dim_follows_the_parameter_count(small_mlp):
     # 3,904 parameters: a projection to 2048 would save less than half of them, exact gradients
     middle = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 4))
     assert ci.TRAK(middle, train_set, [middle.state_dict()]).projection_dim is None
-    wide = nn.Sequential(nn.Linear(8, 600), nn.ReLU(), nn.Linear(600, 4))  # 7,804 parameters
+    wide = nn.Sequential(nn.Linear(8, 600), nn.ReLU(), nn.Linear(600, 4))  # 7,804 parameters: k = 512
     trak = ci.TRAK(wide, train_set, [wide.state_dict()])
-    assert (trak.projection_dim, trak.feature_dim) == (2048, 2048)
-    with pytest.warns(UserWarning, match="projection_dim: 2048 features for 300 training examples"):
+    assert (trak.projection_dim, trak.feature_dim) == (512, 512)
+    for hidden, k in ((1400, 1024), (3000, 2048), (30000, 2048)):  # 18,204 / 39,004 / 390,004 parameters
+        model_k = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+        assert ci.TRAK(model_k, train_set, [model_k.state_dict()]).projection_dim == k
+    with pytest.warns(UserWarning, match="projection_dim: 512 features for 300 training examples"):
         ci.TRAK(wide, train_set, [wide.state_dict()], damping=1e-3)
 
 
