@@ -55,8 +55,12 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
     )
 
 
@@ -72,10 +76,18 @@ class Scaled(nn.Module):
 
 
 def cnn2() -> nn.Module:
-    return Scaled(nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
-    ))
+    return Scaled(
+        nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 10),
+        )
+    )
 
 
 class MaxSoftmaxMLP(nn.Module):
@@ -129,8 +141,10 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = digits()
     xs, ys = x[-n:], y[-n:]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {n} test examples, median of {repeats}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {n} test examples, median of {repeats}"
+    )
 
     models = {"mlp": train(mlp(), x, y, 4), "cnn": train(cnn(), x, y, 4), "cnn2x3": train(cnn2(), x, y, 3)}
     print("\n1. Same attributions, n_steps=50, gausslegendre")
@@ -143,7 +157,9 @@ def main() -> None:
     print("\n2. Completeness |delta| / |F(x) - F(x')| (largest over the examples): Captum at fixed steps, ours with")
     print("   n_steps='auto' at rtol 1e-3 and at the error Captum reached. evals: mean per example, gradient")
     print("   (forward+backward) + forward-mode passes; Captum's are its steps.")
-    print(f"{'model':6} {'space':6} {'method':22} {'max rel err':>11} {'> 1e-3':>7} {'evals grad+fwd':>15} {'time s':>7}")
+    print(
+        f"{'model':6} {'space':6} {'method':22} {'max rel err':>11} {'> 1e-3':>7} {'evals grad+fwd':>15} {'time s':>7}"
+    )
     for name, model in models.items():
         for space in ("logits", "probs"):
             forward = ci.select_output(model, space)
@@ -155,8 +171,10 @@ def main() -> None:
                 )
                 error = relative_error(delta, forward, xs, ys)
                 targets.append(float(error.max()))
-                print(f"{name:6} {space:6} {f'Captum {steps} steps':22} {float(error.max()):11.2e} "
-                      f"{int((error > 1e-3).sum()):>3d}/{n:<3d} {steps:>15d} {seconds:7.3f}")
+                print(
+                    f"{name:6} {space:6} {f'Captum {steps} steps':22} {float(error.max()):11.2e} "
+                    f"{int((error > 1e-3).sum()):>3d}/{n:<3d} {steps:>15d} {seconds:7.3f}"
+                )
             for rtol in targets:
                 ig = ci.IntegratedGradients(forward)
                 with warnings.catch_warnings():
@@ -166,9 +184,13 @@ def main() -> None:
                     )
                 conv = ig.convergence
                 error = relative_error(attr.sum(1) - output_change(forward, xs, ys), forward, xs, ys)
-                evals = f"{float(conv.n_steps.double().mean()):.0f}+{float(conv.forward_evaluations.double().mean()):.0f}"
-                print(f"{name:6} {space:6} {f'ours auto rtol {rtol:.2g}':22} {float(error.max()):11.2e} "
-                      f"{int((error > 1e-3).sum()):>3d}/{n:<3d} {evals:>15} {seconds:7.3f}")
+                evals = (
+                    f"{float(conv.n_steps.double().mean()):.0f}+{float(conv.forward_evaluations.double().mean()):.0f}"
+                )
+                print(
+                    f"{name:6} {space:6} {f'ours auto rtol {rtol:.2g}':22} {float(error.max()):11.2e} "
+                    f"{int((error > 1e-3).sum()):>3d}/{n:<3d} {evals:>15} {seconds:7.3f}"
+                )
 
     print("\n3. DeepLift completeness on 6 digits, zero baseline (Captum 0.9)")
     print(f"{'model':42} {'max rel. error':>14}  verdict, suspects")

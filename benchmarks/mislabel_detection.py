@@ -45,7 +45,9 @@ def mlp(hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
-def train_with_checkpoints(model: nn.Module, x, y, directory: Path, epochs: int, every: int, lr: float = 0.1, seed: int = 0):
+def train_with_checkpoints(
+    model: nn.Module, x, y, directory: Path, epochs: int, every: int, lr: float = 0.1, seed: int = 0
+):
     """SGD with a cosine-decaying learning rate; every ``every`` epochs saves
     ``{"state_dict", "lr"}`` to ``directory`` (the learning rate used in the epochs before it)."""
     torch.manual_seed(seed)
@@ -102,23 +104,30 @@ def main() -> None:
         with torch.no_grad():
             train_acc = (model(x).argmax(1) == noisy).float().mean().item()
             test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-        print(f"digits: {n_train} training examples, {int(flipped.sum())} labels flipped (10%); "
-              f"{len(checkpoints)} checkpoints over {epochs} epochs; torch threads {torch.get_num_threads()}")
-        print(f"final model: accuracy {train_acc:.3f} on the noisy training labels, {test_acc:.3f} on 200 clean test examples")
+        print(
+            f"digits: {n_train} training examples, {int(flipped.sum())} labels flipped (10%); "
+            f"{len(checkpoints)} checkpoints over {epochs} epochs; torch threads {torch.get_num_threads()}"
+        )
+        print(
+            f"final model: accuracy {train_acc:.3f} on the noisy training labels, "
+            f"{test_acc:.3f} on 200 clean test examples"
+        )
 
         train = TensorDataset(x, noisy)
         sum_ce = nn.CrossEntropyLoss(reduction="sum")
         methods = {
             "ours TracInCP (all parameters)": lambda: ci.TracInCP(
-                model, train, checkpoints, load_with_lr, batch_size=64).self_influence(),
+                model, train, checkpoints, load_with_lr, batch_size=64
+            ).self_influence(),
             "ours TracInCPFast (last layer)": lambda: ci.TracInCPFast(
-                model, model[4], train, checkpoints, load_with_lr, batch_size=64).self_influence(),
+                model, model[4], train, checkpoints, load_with_lr, batch_size=64
+            ).self_influence(),
             "Captum TracInCP (all parameters)": lambda: CaptumTracInCP(
-                model, train, checkpoints, load_with_lr, loss_fn=sum_ce, batch_size=64,
-                sample_wise_grads_per_batch=True).self_influence(DataLoader(train, batch_size=64)),
+                model, train, checkpoints, load_with_lr, loss_fn=sum_ce, batch_size=64, sample_wise_grads_per_batch=True
+            ).self_influence(DataLoader(train, batch_size=64)),
             "Captum TracInCPFast (last layer)": lambda: CaptumTracInCPFast(
-                model, model[4], train, checkpoints, load_with_lr, loss_fn=sum_ce,
-                batch_size=64).self_influence(DataLoader(train, batch_size=64)),
+                model, model[4], train, checkpoints, load_with_lr, loss_fn=sum_ce, batch_size=64
+            ).self_influence(DataLoader(train, batch_size=64)),
         }
         print(f"\n{'method':<34} {'top 10%':>8} {'top 20%':>8} {'AUC':>7} {'time (s)':>9}")
         for name, run in methods.items():
@@ -128,8 +137,10 @@ def main() -> None:
                 scores = run().detach().cpu()
                 elapsed = time.perf_counter() - start
             auc = ci.metrics.mislabel_detection_auc(scores, flipped)
-            print(f"{name:<34} {found_in_top(scores, flipped, 0.1):>8.3f} {found_in_top(scores, flipped, 0.2):>8.3f} "
-                  f"{auc:>7.4f} {elapsed:>9.2f}")
+            print(
+                f"{name:<34} {found_in_top(scores, flipped, 0.1):>8.3f} {found_in_top(scores, flipped, 0.2):>8.3f} "
+                f"{auc:>7.4f} {elapsed:>9.2f}"
+            )
         print("(top k%: fraction of the flipped labels among the k% highest self-influence scores; chance = k%)")
 
 

@@ -1,11 +1,11 @@
 """Per-example gradient + projection throughput on tiny transformers models, in examples/s.
 
 Tiny BERT (sequence classification), GPT-2 (language model) and ViT (image classification), built
-from configs with random weights (nothing downloaded), float32, eval mode, batch 64 (TRAK's default batch_size; ``--batch``), 32 tokens
-for text, every trainable parameter, projected to 256 dimensions by one ``ci.Projector``. The
-per-example function is TRAK's margin of the labelled class (BERT, ViT) and minus the mean
-next-token cross-entropy (GPT-2). Timed side by side in one run, each after one untimed batch
-(which also generates the projection matrix, kept in the projector's cache):
+from configs with random weights (nothing downloaded), float32, eval mode, batch 64 (TRAK's default
+batch_size; ``--batch``), 32 tokens for text, every trainable parameter, projected to 256 dimensions
+by one ``ci.Projector``. The per-example function is TRAK's margin of the labelled class (BERT, ViT)
+and minus the mean next-token cross-entropy (GPT-2). Timed side by side in one run, each after one
+untimed batch (which also generates the projection matrix, kept in the projector's cache):
 
   - ours: ``projected_grads(model, fn, batch, projector, method="hooks")``, per-layer gradients
     from one batched forward and backward, each projected as it is produced. Each call builds
@@ -62,8 +62,13 @@ def next_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def bert(transformers, generator: torch.Generator) -> tuple[nn.Module, Callable, Callable]:
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
     )
 
     def batch():
@@ -78,8 +83,9 @@ def bert(transformers, generator: torch.Generator) -> tuple[nn.Module, Callable,
 
 
 def gpt2(transformers, generator: torch.Generator) -> tuple[nn.Module, Callable, Callable]:
-    config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
 
     def batch():
         ids = torch.randint(0, 64, (BATCH, LENGTH), generator=generator)
@@ -90,8 +96,14 @@ def gpt2(transformers, generator: torch.Generator) -> tuple[nn.Module, Callable,
 
 def vit(transformers, generator: torch.Generator) -> tuple[nn.Module, Callable, Callable]:
     config = transformers.ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
 
     def batch():
@@ -172,9 +184,15 @@ def run(name: str, transformers, n_batches: int) -> dict:
     batches = [make_batch() for _ in range(n_batches + 1)]
     names = select_param_names(model)
     projector = ci.Projector(param_shapes(model, names), PROJECTION_DIM, seed=0)
-    captum = TracInCP(Logits(model), torch.utils.data.TensorDataset(*batches[0]), ["unused"],
-                      checkpoints_load_func=lambda m, path: 1.0, loss_fn=PerExample(head),
-                      sample_wise_grads_per_batch=False, batch_size=BATCH)
+    captum = TracInCP(
+        Logits(model),
+        torch.utils.data.TensorDataset(*batches[0]),
+        ["unused"],
+        checkpoints_load_func=lambda m, path: 1.0,
+        loss_fn=PerExample(head),
+        sample_wise_grads_per_batch=False,
+        batch_size=BATCH,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback warning is reported by the tests, not here
         ours = lambda b: projected_grads(model, fn, b, projector, method="hooks")
@@ -187,8 +205,10 @@ def run(name: str, transformers, n_batches: int) -> dict:
             "captum": throughput(lambda b: captum_features(captum, b, projector), batches),
         }
         reference = loop_features(model, fn, batches[0], projector)
-        result["diff"] = max(relative_difference(ours(batches[0]), reference),
-                             relative_difference(kept.project(fn, batches[0], projector), reference))
+        result["diff"] = max(
+            relative_difference(ours(batches[0]), reference),
+            relative_difference(kept.project(fn, batches[0], projector), reference),
+        )
         result["captum diff"] = relative_difference(captum_features(captum, batches[0], projector), reference)
     return result
 
@@ -199,7 +219,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two timed batches per method (the test suite's size)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches per method (default 10, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives steadier timings)")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"examples per batch (default {BATCH}, TRAK's batch_size)")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help=f"examples per batch (default {BATCH}, TRAK's batch_size)"
+    )
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     args = parser.parse_args()
     BATCH = args.batch
@@ -209,15 +231,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     n_batches = args.batches or (2 if args.quick else 10)
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"float32, batch {BATCH}, {LENGTH} tokens, projection {PROJECTION_DIM}, {n_batches} timed batches")
-    print(f"{'model':8s} {'params':>8s} {'ours ex/s':>10s} {'kept ex/s':>10s} {'loop ex/s':>10s} "
-          f"{'Captum ex/s':>12s} {'ours/loop':>10s} {'kept/loop':>10s} {'max rel diff':>13s}")
+    print(
+        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"float32, batch {BATCH}, {LENGTH} tokens, projection {PROJECTION_DIM}, {n_batches} timed batches"
+    )
+    print(
+        f"{'model':8s} {'params':>8s} {'ours ex/s':>10s} {'kept ex/s':>10s} {'loop ex/s':>10s} "
+        f"{'Captum ex/s':>12s} {'ours/loop':>10s} {'kept/loop':>10s} {'max rel diff':>13s}"
+    )
     notes = []
     for name in args.models.split(","):
         r = run(name, transformers, n_batches)
-        print(f"{name:8s} {r['params']:8,d} {r['ours']:10,.0f} {r['kept']:10,.0f} {r['loop']:10,.0f} "
-              f"{r['captum']:12,.0f} {r['ours'] / r['loop']:9.1f}x {r['kept'] / r['loop']:9.1f}x {r['diff']:13.1e}")
+        print(
+            f"{name:8s} {r['params']:8,d} {r['ours']:10,.0f} {r['kept']:10,.0f} {r['loop']:10,.0f} "
+            f"{r['captum']:12,.0f} {r['ours'] / r['loop']:9.1f}x {r['kept'] / r['loop']:9.1f}x {r['diff']:13.1e}"
+        )
         notes.append(f"{name}: Captum's features differ from the loop's by at most {r['captum diff']:.1e}")
     for note in notes:
         print(note)

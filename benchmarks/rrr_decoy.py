@@ -157,7 +157,10 @@ def main() -> None:
     gap_free = 100 * (mean["decoy_free"] - mean["rrr"])
     gain = 100 * (mean["rrr"] - mean["plain"])
     met_free, met_gain = gap_free <= 3.0, gain >= 20.0
-    print(f"target 1, RRR within 3 points of decoy-free: {gap_free:+.1f} points below -> {'met' if met_free else 'NOT met'}")
+    print(
+        f"target 1, RRR within 3 points of decoy-free: {gap_free:+.1f} points below "
+        f"-> {'met' if met_free else 'NOT met'}"
+    )
     print(f"target 2, RRR >= 20 points above plain: {gain:+.1f} points -> {'met' if met_gain else 'NOT met'}")
 
 

@@ -58,8 +58,15 @@ def phase_write(args) -> dict:
         rows = min(BLOCK, args.n_train - start)
         return torch.randn(rows, args.k, generator=torch.Generator().manual_seed(start)) / args.k**0.5
 
-    fill_rows(batches, compute, n_rows=args.n_train, dim=args.k, n_batches=n_batches, store=open_store(args),
-              dtype=getattr(torch, args.dtype))
+    fill_rows(
+        batches,
+        compute,
+        n_rows=args.n_train,
+        dim=args.k,
+        n_batches=n_batches,
+        store=open_store(args),
+        dtype=getattr(torch, args.dtype),
+    )
     return {}
 
 
@@ -97,8 +104,22 @@ PHASES = {"write": phase_write, "stream": phase_stream, "topk": phase_topk, "in_
 
 
 def run_phase(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--phase", name, "--dir", args.dir, "--n-train", str(args.n_train),
-           "--n-test", str(args.n_test), "--k", str(args.k), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        name,
+        "--dir",
+        args.dir,
+        "--n-train",
+        str(args.n_train),
+        "--n-test",
+        str(args.n_test),
+        "--k",
+        str(args.k),
+        "--dtype",
+        args.dtype,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"phase {name} failed:\n{done.stderr[-3000:]}")
@@ -132,16 +153,22 @@ def main() -> None:
         args.dtype = "float32" if free > 1.5 * need32 else "float16"
     itemsize = np.dtype(args.dtype).itemsize
     if free < need32 * itemsize / 4 * 1.1:
-        raise SystemExit(f"not enough disk space in {args.dir}: {free / GiB:.1f} GiB free, need {need32 * itemsize / 4 / GiB:.1f}")
+        raise SystemExit(
+            f"not enough disk space in {args.dir}: {free / GiB:.1f} GiB free, need {need32 * itemsize / 4 / GiB:.1f}"
+        )
     feature_bytes = args.n_train * args.k * itemsize
     score_bytes = args.n_train * args.n_test * itemsize
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"{args.n_train:,} training examples x {args.n_test:,} targets, k = {args.k}, {args.dtype} store; "
-          f"features {feature_bytes / GiB:.2f} GiB, all scores {score_bytes / GiB:.2f} GiB; "
-          f"{torch.get_num_threads()} threads, {mem_total / GiB:.0f} GiB RAM, {free / GiB:.0f} GiB free disk")
-    steps = [("write", "write the store (fill_rows, memmap)"),
-             ("stream", "all scores, memmap -> memmap on disk"),
-             ("topk", "top-10 per target (topk)")]
+    print(
+        f"{args.n_train:,} training examples x {args.n_test:,} targets, k = {args.k}, {args.dtype} store; "
+        f"features {feature_bytes / GiB:.2f} GiB, all scores {score_bytes / GiB:.2f} GiB; "
+        f"{torch.get_num_threads()} threads, {mem_total / GiB:.0f} GiB RAM, {free / GiB:.0f} GiB free disk"
+    )
+    steps = [
+        ("write", "write the store (fill_rows, memmap)"),
+        ("stream", "all scores, memmap -> memmap on disk"),
+        ("topk", "top-10 per target (topk)"),
+    ]
     if feature_bytes + 2 * score_bytes < mem_total / 4:
         steps.append(("in_memory", "in memory: traker BasicScoreComputer"))
     try:
@@ -150,8 +177,10 @@ def main() -> None:
             res = run_phase(name, args)
             print(f"  {label:44s} {res['seconds']:8.1f} {res['peak_rss'] / GiB:8.2f} GiB")
         if ("in_memory", "in memory: traker BasicScoreComputer") not in steps:
-            print(f"  in memory (traker BasicScoreComputer): not run; it holds every feature and score, "
-                  f"{(feature_bytes + score_bytes) / GiB:.1f} GiB at least")
+            print(
+                f"  in memory (traker BasicScoreComputer): not run; it holds every feature and score, "
+                f"{(feature_bytes + score_bytes) / GiB:.1f} GiB at least"
+            )
     finally:
         if owned and not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

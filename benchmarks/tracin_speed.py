@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from captum.influence import TracInCP as CaptumTracInCP
+from mislabel_detection import digits, load_with_lr, mlp, train_with_checkpoints
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
-from mislabel_detection import digits, load_with_lr, mlp, train_with_checkpoints
 
 
 def best_time(run, repeats: int):
@@ -52,29 +52,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = train_with_checkpoints(model, x, y, Path(tmp), epochs, every)
         train, test = TensorDataset(x, y), (x_test, y_test)
-        print(f"digits MLP ({n_params} parameters): {n_train} train x {n_test} test, {len(checkpoints)} checkpoint "
-              f"files, batch size {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+        print(
+            f"digits MLP ({n_params} parameters): {n_train} train x {n_test} test, {len(checkpoints)} checkpoint "
+            f"files, batch size {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}"
+        )
 
         def ours():
             return ci.TracInCP(model, train, checkpoints, load_with_lr, batch_size=args.batch_size)
 
         def captum():
-            return CaptumTracInCP(model, train, checkpoints, load_with_lr, batch_size=args.batch_size,
-                                  loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True)
+            return CaptumTracInCP(
+                model,
+                train,
+                checkpoints,
+                load_with_lr,
+                batch_size=args.batch_size,
+                loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                sample_wise_grads_per_batch=True,
+            )
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for label, call in (("influence (all scores)", lambda t: t.influence(test)),
-                                ("influence, k=10", lambda t: t.influence(test, k=10))):
+            for label, call in (
+                ("influence (all scores)", lambda t: t.influence(test)),
+                ("influence, k=10", lambda t: t.influence(test, k=10)),
+            ):
                 t_ours, r_ours = best_time(lambda: call(ours()), args.repeats)
                 t_captum, r_captum = best_time(lambda: call(captum()), args.repeats)
                 if isinstance(r_ours, torch.Tensor):
-                    agree = f"max |ours - Captum| / max |Captum| = {float((r_ours - r_captum).abs().max() / r_captum.abs().max()):.1e}"
+                    relative = float((r_ours - r_captum).abs().max() / r_captum.abs().max())
+                    agree = f"max |ours - Captum| / max |Captum| = {relative:.1e}"
                 else:
                     same = (r_ours.indices == r_captum.indices).float().mean()
                     agree = f"same proponent indices: {float(same):.1%}"
-                print(f"{label:<24} ours {t_ours:7.2f} s   Captum {t_captum:7.2f} s   "
-                      f"ratio Captum / ours {t_captum / t_ours:5.1f}x   ({agree})")
+                print(
+                    f"{label:<24} ours {t_ours:7.2f} s   Captum {t_captum:7.2f} s   "
+                    f"ratio Captum / ours {t_captum / t_ours:5.1f}x   ({agree})"
+                )
 
 
 if __name__ == "__main__":

@@ -10,11 +10,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import TensorDataset
-
-import captum_influence as ci
-from captum_influence._backend import LayerGrads
 from helpers import (
     as_examples,
     assert_grads_equal,
@@ -23,10 +18,15 @@ from helpers import (
     margin_fn,
     state_of,
     tiny_bert,
-    trak_reference,
     tracin_reference,
+    trak_reference,
     user_warnings,
 )
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import captum_influence as ci
+from captum_influence._backend import LayerGrads
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,8 +64,10 @@ def as_encoding(batch):
 # Parameters TRAK differentiates without projection (its Gram matrix is parameters x parameters):
 # the broadcast position embeddings, the token types, a LayerNorm and the classifier.
 BERT_TRAK_LAYERS = [
-    "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
-    "bert.encoder.layer.1.output.LayerNorm", "classifier",
+    "bert.embeddings.position_embeddings",
+    "bert.embeddings.token_type_embeddings",
+    "bert.encoder.layer.1.output.LayerNorm",
+    "classifier",
 ]
 
 
@@ -75,7 +77,13 @@ BERT_TRAK_LAYERS = [
 def gpt2_model(seed=0, tied=True):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
         tie_word_embeddings=tied,
     )
     return transformers.GPT2LMHeadModel(config).double().eval()
@@ -120,8 +128,14 @@ GPT2_TRAK_LAYERS = ["transformer.wpe", "transformer.h.1.attn.c_proj", "transform
 def vit_model(seed=0):
     torch.manual_seed(seed)
     config = transformers.ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
     return transformers.ViTForImageClassification(config).double().eval()
 
@@ -191,8 +205,16 @@ def test_bert_trak_equals_the_loop_reference(form, task):
     reference = trak_reference(model, train, test, DAMPING, params=BERT_TRAK_LAYERS)
     if form == "dict":
         train, test = as_encoding(train), as_encoding(test)
-    trak = ci.TRAK(model, as_examples(train), [state_of(model)], projection_dim=None, damping=DAMPING,
-                   layers=BERT_TRAK_LAYERS, batch_size=BATCH, task=task)
+    trak = ci.TRAK(
+        model,
+        as_examples(train),
+        [state_of(model)],
+        projection_dim=None,
+        damping=DAMPING,
+        layers=BERT_TRAK_LAYERS,
+        batch_size=BATCH,
+        task=task,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(trak.influence(test), reference)
@@ -221,8 +243,9 @@ def test_bert_tracincp_equals_the_loop_reference(form, loss):
     reference = tracin_reference(model, train, test)
     if form == "dict":
         train, test = as_encoding(train), as_encoding(test)
-    tracin = ci.TracInCP(model, as_examples(train), [state_of(model)], layers=None, batch_size=BATCH,
-                         loss_fn=LOSS_FNS[loss])
+    tracin = ci.TracInCP(
+        model, as_examples(train), [state_of(model)], layers=None, batch_size=BATCH, loss_fn=LOSS_FNS[loss]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(tracin.influence(test), reference)
@@ -232,8 +255,9 @@ def test_bert_tracincp_equals_the_loop_reference(form, loss):
 def test_bert_tracincp_fast_equals_the_loop_reference(loss):
     model, train, test, _ = setup("bert")
     reference = tracin_reference(model, train, test, params=["classifier"])
-    fast = ci.TracInCPFast(model, model.classifier, as_examples(train), [state_of(model)], batch_size=BATCH,
-                           loss_fn=LOSS_FNS[loss])
+    fast = ci.TracInCPFast(
+        model, model.classifier, as_examples(train), [state_of(model)], batch_size=BATCH, loss_fn=LOSS_FNS[loss]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(fast.influence(test), reference)
@@ -249,8 +273,14 @@ def test_bert_layer_integrated_gradients_equal_captum_and_meet_completeness():
         return model(input_ids, attention_mask, token_type_ids).logits
 
     layer = model.bert.embeddings.word_embeddings
-    settings = dict(baselines=torch.zeros_like(ids), target=labels, additional_forward_args=(mask, token_types),
-                    n_steps=24, method="gausslegendre", return_convergence_delta=True)
+    settings = dict(
+        baselines=torch.zeros_like(ids),
+        target=labels,
+        additional_forward_args=(mask, token_types),
+        n_steps=24,
+        method="gausslegendre",
+        return_convergence_delta=True,
+    )
     ours, delta = ci.LayerIntegratedGradients(forward, layer).attribute(ids, **settings)
     theirs, their_delta = CaptumLIG(forward, layer).attribute(ids, **settings)
     with torch.no_grad():
@@ -269,10 +299,25 @@ def test_bert_layer_integrated_gradients_equal_captum_and_meet_completeness():
 
 def test_gpt2_trak_with_a_custom_task_equals_the_loop_reference():
     model, train, test, _ = setup("gpt2")
-    reference = trak_reference(model, train, test, DAMPING, output_fn=gpt2_output_fn,
-                               q_fn=lambda m, batch: torch.ones(len(batch[-1])), params=GPT2_TRAK_LAYERS)
-    trak = ci.TRAK(model, TensorDataset(*train), [state_of(model)], projection_dim=None, damping=DAMPING,
-                   layers=GPT2_TRAK_LAYERS, batch_size=BATCH, task=NextTokenOutput())
+    reference = trak_reference(
+        model,
+        train,
+        test,
+        DAMPING,
+        output_fn=gpt2_output_fn,
+        q_fn=lambda m, batch: torch.ones(len(batch[-1])),
+        params=GPT2_TRAK_LAYERS,
+    )
+    trak = ci.TRAK(
+        model,
+        TensorDataset(*train),
+        [state_of(model)],
+        projection_dim=None,
+        damping=DAMPING,
+        layers=GPT2_TRAK_LAYERS,
+        batch_size=BATCH,
+        task=NextTokenOutput(),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(trak.influence(test), reference)
@@ -282,8 +327,14 @@ def test_gpt2_tracincp_equals_the_loop_reference():
     """Every parameter, the tied embedding / lm_head weight among them."""
     model, train, test, _ = setup("gpt2")
     reference = tracin_reference(model, train, test, loss_fn=gpt2_loss_fn)
-    tracin = ci.TracInCP(model, TensorDataset(*train), [state_of(model)], layers=None, batch_size=BATCH,
-                         loss_fn=lambda out, labels: next_token_losses(out.logits, labels))
+    tracin = ci.TracInCP(
+        model,
+        TensorDataset(*train),
+        [state_of(model)],
+        layers=None,
+        batch_size=BATCH,
+        loss_fn=lambda out, labels: next_token_losses(out.logits, labels),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(tracin.influence(test), reference)
@@ -298,8 +349,14 @@ def test_gpt2_tracincp_fast_on_the_lm_head_equals_the_loop_reference(tied):
     train, test = gpt2_batch(N_TRAIN, 1), gpt2_batch(N_TEST, 2)
     head_weight = "transformer.wte" if tied else "lm_head"  # as named_parameters() lists it
     reference = tracin_reference(model, train, test, loss_fn=gpt2_loss_fn, params=[head_weight])
-    fast = ci.TracInCPFast(model, model.lm_head, TensorDataset(*train), [state_of(model)], batch_size=BATCH,
-                           loss_fn=lambda out, labels: next_token_losses(out.logits, labels))
+    fast = ci.TracInCPFast(
+        model,
+        model.lm_head,
+        TensorDataset(*train),
+        [state_of(model)],
+        batch_size=BATCH,
+        loss_fn=lambda out, labels: next_token_losses(out.logits, labels),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(fast.influence(test), reference)
@@ -311,8 +368,15 @@ def test_gpt2_tracincp_fast_on_the_lm_head_equals_the_loop_reference(tied):
 def test_vit_trak_equals_the_loop_reference():
     model, train, test, _ = setup("vit")
     reference = trak_reference(model, train, test, DAMPING, params=VIT_TRAK_LAYERS)
-    trak = ci.TRAK(model, TensorDataset(*train), [state_of(model)], projection_dim=None, damping=DAMPING,
-                   layers=VIT_TRAK_LAYERS, batch_size=BATCH)
+    trak = ci.TRAK(
+        model,
+        TensorDataset(*train),
+        [state_of(model)],
+        projection_dim=None,
+        damping=DAMPING,
+        layers=VIT_TRAK_LAYERS,
+        batch_size=BATCH,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_scores_close(trak.influence(test), reference)
@@ -324,8 +388,9 @@ def test_vit_tracin_equals_the_loop_reference(fast):
     loss = LOSS_FNS["lambda"]
     if fast:
         reference = tracin_reference(model, train, test, params=["classifier"])
-        tracin = ci.TracInCPFast(model, model.classifier, TensorDataset(*train), [state_of(model)],
-                                 batch_size=BATCH, loss_fn=loss)
+        tracin = ci.TracInCPFast(
+            model, model.classifier, TensorDataset(*train), [state_of(model)], batch_size=BATCH, loss_fn=loss
+        )
     else:
         reference = tracin_reference(model, train, test)
         tracin = ci.TracInCP(model, TensorDataset(*train), [state_of(model)], batch_size=BATCH, loss_fn=loss)
