@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers import classification_q, flat, loop_grads, margin_fn
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
 from captum_influence._backend.factored_projection import FactoredProjector, factorable
 from captum_influence._backend.layer_grads import LayerGrads
-from helpers import classification_q, flat, loop_grads, margin_fn
 
 
 class ConvNet(nn.Module):
@@ -97,8 +97,9 @@ def test_trak_factored_scores_equal_the_closed_form():
     x, y = torch.randn(40, 2, 7, 7, dtype=torch.float64), torch.randint(0, 5, (40,))
     targets = (x[:5] + 0.1, y[:5])
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    trak = ci.TRAK(model, TensorDataset(x, y), [state], projection_dim=32, projection="factored", damping=0.1,
-                   batch_size=16)
+    trak = ci.TRAK(
+        model, TensorDataset(x, y), [state], projection_dim=32, projection="factored", damping=0.1, batch_size=16
+    )
     ours = trak.influence(targets)
     projector = trak._projector(0)
     assert isinstance(projector, FactoredProjector) and trak.feature_dim == projector.projection_dim <= 32
@@ -107,8 +108,9 @@ def test_trak_factored_scores_equal_the_closed_form():
     gram = phi.T @ phi + 0.1 * torch.eye(phi.shape[1], dtype=torch.float64)
     reference = phi_t @ torch.linalg.solve(gram, phi.T) * classification_q(model, (x, y))[None, :]
     assert float((ours.double() - reference).abs().max() / reference.abs().max()) < 1e-5
-    other_batch = ci.TRAK(model, TensorDataset(x, y), [state], projection_dim=32, projection="factored",
-                          damping=0.1, batch_size=7).influence(targets)
+    other_batch = ci.TRAK(
+        model, TensorDataset(x, y), [state], projection_dim=32, projection="factored", damping=0.1, batch_size=7
+    ).influence(targets)
     assert float((other_batch - ours).abs().max() / ours.abs().max()) < 1e-5
 
 

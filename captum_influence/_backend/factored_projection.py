@@ -23,16 +23,21 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .layer_rules import _conv_input
 from .projector import Projector
 
-_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONVS: dict[type[_ConvNd], Callable[..., torch.Tensor]] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
 
 
 def derived_seed(seed: int, *path: object) -> int:
@@ -45,14 +50,14 @@ def factorable(module: nn.Module) -> bool:
     """Linear, transformers' Conv1D, and convolutions without groups: the layers projected as factors."""
     name = f"{type(module).__module__}.{type(module).__qualname__}"
     if type(module) in _CONVS:
-        return module.groups == 1
+        return cast(_ConvNd, module).groups == 1
     return type(module) is nn.Linear or name == "transformers.pytorch_utils.Conv1D"
 
 
 def _fan(module: nn.Module) -> tuple[int, int]:
     """(out, in') of a factorable layer's gradient matrix, in' counting the bias column."""
     bias = int(module.bias is not None)
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     if type(module) in _CONVS:
         return weight.shape[0], math.prod(weight.shape[1:]) + bias
     if type(module) is nn.Linear:
@@ -141,8 +146,13 @@ class FactoredProjector:
             spare += k - k_out * k_in
         self.dense: Optional[Projector] = None
         if dense_size:
-            self.dense = Projector(dict(dense_shapes), budget[-1] + spare, seed=derived_seed(seed, "dense"),
-                                   dtype=dtype, device=self.device)
+            self.dense = Projector(
+                dict(dense_shapes),
+                budget[-1] + spare,
+                seed=derived_seed(seed, "dense"),
+                dtype=dtype,
+                device=self.device,
+            )
             offset += self.dense.projection_dim
         self.dense_offset = offset - (self.dense.projection_dim if self.dense else 0)
         self.projection_dim = offset
@@ -153,7 +163,10 @@ class FactoredProjector:
     def __repr__(self) -> str:
         dims = ", ".join(f"{layer.path}: {layer.k_out}x{layer.k_in}" for layer in self.layers)
         rest = self.dense.projection_dim if self.dense else 0
-        return f"FactoredProjector(projection_dim={self.projection_dim}, layers={{{dims}}}, dense={rest}, seed={self.seed})"
+        return (
+            f"FactoredProjector(projection_dim={self.projection_dim}, layers={{{dims}}}, dense={rest}, "
+            f"seed={self.seed})"
+        )
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -183,10 +196,11 @@ class FactoredProjector:
         a, d = a.to(self.device, self.dtype), d.to(self.device, self.dtype)
         batch, bias = a.shape[0], module.bias is not None
         if type(module) in _CONVS:
-            x, padding = _conv_input(module, a)
+            conv = cast(_ConvNd, module)
+            x, padding = _conv_input(conv, a)
             fan = p_in.shape[0] - bias
-            weight = p_in[:fan].T.reshape(layer.k_in, *module.weight.shape[1:])
-            pa = _CONVS[type(module)](x, weight, p_in[fan] if bias else None, module.stride, padding, module.dilation)
+            weight = p_in[:fan].T.reshape(layer.k_in, *conv.weight.shape[1:])
+            pa = _CONVS[type(conv)](x, weight, p_in[fan] if bias else None, conv.stride, padding, conv.dilation)
             pa = pa.reshape(batch, layer.k_in, -1).transpose(1, 2)  # (B, L, k_in)
             pd = d.reshape(batch, d.shape[1], -1).transpose(1, 2) @ p_out  # (B, L, k_out)
         else:

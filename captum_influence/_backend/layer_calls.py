@@ -61,7 +61,9 @@ def record_calls(
     def record(module, args, kwargs, output):
         value = layer_input(args, kwargs)
         if value is None or not isinstance(output, torch.Tensor):
-            raise ValueError(f"model: module {module_path(model, module)!r} was called without a tensor input and output.")
+            raise ValueError(
+                f"model: module {module_path(model, module)!r} was called without a tensor input and output."
+            )
         version = value._version
         broadcast = n > 1 and value.dim() > 0 and value.shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1
         if broadcast:  # one row shared by the batch: a row per example, with the same values
@@ -88,7 +90,9 @@ def record_calls(
     return check_per_example_output(out, n), calls
 
 
-def output_grads(out: torch.Tensor, calls: list[LayerCall], *, retain_graph: bool = False) -> list[Optional[torch.Tensor]]:
+def output_grads(
+    out: torch.Tensor, calls: list[LayerCall], *, retain_graph: bool = False
+) -> list[Optional[torch.Tensor]]:
     """d(sum_b out_b) / dy for each call's output y; None where the call does not reach ``out``."""
     if not calls or not out.requires_grad:
         return [None] * len(calls)

@@ -23,17 +23,25 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .grads import OutputFn, _as_tuple, _check_chunk_size, slice_batch, batch_size_of, iter_per_example_grads, single_example_grads
+from .factored_projection import FactoredProjector
+from .grads import (
+    OutputFn,
+    _as_tuple,
+    _check_chunk_size,
+    batch_size_of,
+    iter_per_example_grads,
+    single_example_grads,
+    slice_batch,
+)
 from .layer_calls import LayerCall, module_path, output_grads, record_calls
 from .layer_rules import LayerRule, rule_for
 from .model_checks import check_deterministic, check_eval_norms
-from .factored_projection import FactoredProjector
 from .params import ParamSpec, select_param_names
 from .projector import Projector
 
@@ -109,10 +117,11 @@ class LayerGrads:
     come from each layer's input and output gradient with batched products: the same numbers as
     a loop of single-example autograd calls, up to float rounding. Other parameters go to the
     vmap path and from there to a loop (``fallback="vmap"``, warning with the module's name) or
-    raise (``fallback="error"``); ``vmap_fallback="error"`` raises where vmap cannot run the model. ``precision``: "exact" (the operands' dtype), "tf32" (TF32
-    matrix products on GPU) or "bf16" (bfloat16 operands, float32 accumulation) for the per-layer
-    products. ``check``: compare the first chunk with single-example autograd once (see the
-    module docstring); a random model (Dropout in training mode) raises there.
+    raise (``fallback="error"``); ``vmap_fallback="error"`` raises where vmap cannot run the model.
+    ``precision``: "exact" (the operands' dtype), "tf32" (TF32 matrix products on GPU) or "bf16"
+    (bfloat16 operands, float32 accumulation) for the per-layer products. ``check``: compare the
+    first chunk with single-example autograd once (see the module docstring); a random model
+    (Dropout in training mode) raises there.
 
     Example::
 
@@ -256,13 +265,18 @@ class LayerGrads:
             d_list = output_grads(out, records, retain_graph=check_weights is not None or bool(shared))
             shared_grads = {}
             if shared:
-                found = torch.autograd.grad(out, list(shared.values()), torch.ones_like(out), allow_unused=True,
-                                            retain_graph=check_weights is not None)
+                found = torch.autograd.grad(
+                    out,
+                    list(shared.values()),
+                    torch.ones_like(out),
+                    allow_unused=True,
+                    retain_graph=check_weights is not None,
+                )
                 shared_grads = {
                     name: (g if g is not None else torch.zeros_like(x)).reshape(n, *table[name].shape)
                     for (name, x), g in zip(shared.items(), found)
                 }
-            ref = None
+            ref: Optional[list[Optional[torch.Tensor]]] = None
             if check_weights is not None:
                 ref = [None] * len(params)
                 if out.requires_grad:
@@ -273,8 +287,14 @@ class LayerGrads:
         return out.detach(), records, d_list, shared_grads, ref
 
     def _contributions(
-        self, records: list[LayerCall], d_list: list, n: int, dtype: Optional[torch.dtype],
-        factored: Sequence[nn.Module] = (), unbatched: Optional[dict] = None, raw: Sequence[nn.Module] = (),
+        self,
+        records: list[LayerCall],
+        d_list: list,
+        n: int,
+        dtype: Optional[torch.dtype],
+        factored: Sequence[nn.Module] = (),
+        unbatched: Optional[dict] = None,
+        raw: Sequence[nn.Module] = (),
     ) -> Iterator[tuple[str, Any]]:
         """``(name, Tensor[B, *shape])`` for each hooked call (a name repeats for a reused layer),
         ``(path, (A, D))`` for calls of ``factored`` modules, ``(path, LayerIO)`` for calls of
@@ -300,6 +320,7 @@ class LayerGrads:
                 yield self._path(rec.module), LayerIO(rec.module, rec.value, d)
                 continue
             if id(rec.module) in factored_ids:
+                assert hooked.rule.factors is not None  # _chunk takes only factored modules with a factor rule
                 yield self._path(rec.module), hooked.rule.factors(rec.module, rec.value, d)
                 continue
             for attr, g in hooked.rule.grads(rec.module, rec.value, d, dtype, set(hooked.attrs)).items():
@@ -340,10 +361,15 @@ class LayerGrads:
         per_example: dict[str, torch.Tensor] = dict(shared_grads)
         for name, g in self._contributions(records, d_list, n, None, unbatched=unbatched):
             per_example[name] = per_example[name] + g if name in per_example else g
-        zeros = {name: torch.zeros(n, *table[name].shape, dtype=table[name].dtype, device=table[name].device) for name in hook_names}
+        zeros = {
+            name: torch.zeros(n, *table[name].shape, dtype=table[name].dtype, device=table[name].device)
+            for name in hook_names
+        }
         per_example.update({name: per_example.get(name, zeros[name]).to(table[name].dtype) for name in hook_names})
         ref_of = {name: r if r is not None else torch.zeros_like(table[name]) for name, r in zip(hook_names, ref)}
-        weighted = {name: torch.einsum("b,b...->...", v.to(per_example[name]), per_example[name]) for name in hook_names}
+        weighted = {
+            name: torch.einsum("b,b...->...", v.to(per_example[name]), per_example[name]) for name in hook_names
+        }
         # Rounding grows with a layer's gradient: compare each parameter at its module's scale,
         # floored at a small fraction of the largest (a bias whose exact gradient is 0, say).
         scales = {
@@ -360,7 +386,9 @@ class LayerGrads:
                 outside.update(hooked.attrs.values())
                 continue
             for name in hooked.attrs.values():
-                error = float((weighted[name] - ref_of[name]).norm()) / max(scales[key], floor, torch.finfo(torch.float64).tiny)
+                error = float((weighted[name] - ref_of[name]).norm()) / max(
+                    scales[key], floor, torch.finfo(torch.float64).tiny
+                )
                 if error > _tolerance(table[name].dtype):
                     outside.add(name)
                     self.used_outside.add(name)
@@ -401,7 +429,11 @@ class LayerGrads:
             scale = max(float(single.abs().max()), float(out[b].abs()), torch.finfo(torch.float64).tiny)
             error = float((out[b] - single.reshape(())).abs()) / scale
             if error > _tolerance(out.dtype):
-                return f"example {b}'s output in the batch differs from its output alone (relative difference {error:.1e})", []
+                return (
+                    f"example {b}'s output in the batch differs from its output alone "
+                    f"(relative difference {error:.1e})",
+                    [],
+                )
             # A gradient that is zero up to rounding (a key bias under softmax) is compared at the
             # scale of the example's largest gradient.
             largest = max(float(per_example[nm][b].norm()) for nm in names)
@@ -460,24 +492,32 @@ class LayerGrads:
         factored_names = {n for m in factored for n in self._hooked[id(m)].attrs.values()}
         ordered = {
             name: grads[name].to(table[name].dtype).reshape(n, *table[name].shape)
-            if name in grads else table[name].new_zeros(n, *table[name].shape)
-            for name in self.names if name not in factored_names
+            if name in grads
+            else table[name].new_zeros(n, *table[name].shape)
+            for name in self.names
+            if name not in factored_names
         }
         factors = {}
         for module in factored:
             path = self._path(module)
             parts = factor_parts.get(path)
             if not parts:  # the layer did not reach the output: zero gradients at one position
-                width_out, width_in = module.weight.shape if isinstance(module, nn.Linear) else tuple(reversed(module.weight.shape))
-                zero = module.weight.new_zeros(n, 1, 1)
+                weight = cast(torch.Tensor, module.weight)
+                width_out, width_in = weight.shape if isinstance(module, nn.Linear) else tuple(reversed(weight.shape))
+                zero = weight.new_zeros(n, 1, 1)
                 parts = [(zero.expand(n, 1, width_in + (module.bias is not None)), zero.expand(n, 1, width_out))]
             factors[path] = (torch.cat([a for a, _ in parts], 1), torch.cat([d for _, d in parts], 1))
         return ChunkGrads(ordered, factors)
 
     def _chunk(
-        self, fn: OutputFn, chunk: tuple, sink: Callable[[str, torch.Tensor], None],
-        factored: Sequence[nn.Module] = (), factor_sink: Optional[Callable[[str, Factors], None]] = None,
-        raw: Sequence[nn.Module] = (), raw_sink: Optional[Callable[[LayerIO], None]] = None,
+        self,
+        fn: OutputFn,
+        chunk: tuple,
+        sink: Callable[[str, torch.Tensor], object],
+        factored: Sequence[nn.Module] = (),
+        factor_sink: Optional[Callable[[str, Factors], None]] = None,
+        raw: Sequence[nn.Module] = (),
+        raw_sink: Optional[Callable[[LayerIO], object]] = None,
     ) -> None:
         """Send every selected parameter's per-example gradient for ``chunk`` to ``sink``, the
         factors of ``factored`` modules to ``factor_sink`` and the calls of ``raw`` modules, as
@@ -487,6 +527,9 @@ class LayerGrads:
         if any(not self.hooks_cover(m) for m in (*factored, *raw)):
             bad = [self._path(m) for m in (*factored, *raw) if not self.hooks_cover(m)]
             raise ValueError(f"factored: modules {bad} are not computed by the hooks alone; they cannot be factored.")
+        no_rule = [self._path(m) for m in factored if self._hooked[id(m)].rule.factors is None]
+        if no_rule:
+            raise ValueError(f"factored: modules {no_rule} have no factor rule (Linear and Conv1D layers have one).")
         n = batch_size_of(chunk)
         with _precision(self.precision):
             if not self.coupled and self._pass(fn, chunk, n, factored, sink, factor_sink, raw, raw_sink, guard=True):
@@ -502,18 +545,31 @@ class LayerGrads:
 
                 parts: dict[str, list[Factors]] = {}
                 calls.append([])
-                self._pass(fn, slice_batch(chunk, b, b + 1), 1, factored, add,
-                           lambda path, f: parts.setdefault(path, []).append(f), raw, calls[-1].append, guard=False)
+                self._pass(
+                    fn,
+                    slice_batch(chunk, b, b + 1),
+                    1,
+                    factored,
+                    add,
+                    lambda path, f: parts.setdefault(path, []).append(f),
+                    raw,
+                    calls[-1].append,
+                    guard=False,
+                )
                 for name, g in example.items():
                     grads.setdefault(name, []).append(g)
                 for path, pieces in parts.items():
-                    factors.setdefault(path, []).append((torch.cat([a for a, _ in pieces], 1), torch.cat([d for _, d in pieces], 1)))
+                    factors.setdefault(path, []).append(
+                        (torch.cat([a for a, _ in pieces], 1), torch.cat([d for _, d in pieces], 1))
+                    )
             for name, gs in grads.items():
                 sink(name, torch.cat(gs))
             for path, fs in factors.items():
                 assert factor_sink is not None
                 if len({a.shape[1] for a, _ in fs}) > 1:
-                    raise ValueError(f"model: layer {path!r} runs at a different number of positions for different examples.")
+                    raise ValueError(
+                        f"model: layer {path!r} runs at a different number of positions for different examples."
+                    )
                 factor_sink(path, (torch.cat([a for a, _ in fs]), torch.cat([d for _, d in fs])))
             if raw:
                 assert raw_sink is not None
@@ -523,9 +579,16 @@ class LayerGrads:
                     raw_sink(LayerIO(ios[0].module, torch.cat([io.a for io in ios]), torch.cat([io.d for io in ios])))
 
     def _pass(
-        self, fn: OutputFn, chunk: tuple, n: int, factored: Sequence[nn.Module],
-        sink: Callable[[str, torch.Tensor], None], factor_sink: Optional[Callable[[str, Factors], None]],
-        raw: Sequence[nn.Module], raw_sink: Optional[Callable[[LayerIO], None]], guard: bool,
+        self,
+        fn: OutputFn,
+        chunk: tuple,
+        n: int,
+        factored: Sequence[nn.Module],
+        sink: Callable[[str, torch.Tensor], object],
+        factor_sink: Optional[Callable[[str, Factors], None]],
+        raw: Sequence[nn.Module],
+        raw_sink: Optional[Callable[[LayerIO], object]],
+        guard: bool,
     ) -> bool:
         """One batched forward and backward with hooks, then vmap (or a loop) for the rest. With
         ``guard``, one example's output is first compared with its output alone, rotating over the
@@ -566,7 +629,9 @@ class LayerGrads:
         error = float((out[b] - alone).abs()) / scale
         if error <= _tolerance(out.dtype):
             return False
-        self._report_coupling(f"example {b}'s output in a batch differs from its output alone (relative difference {error:.1e})")
+        self._report_coupling(
+            f"example {b}'s output in a batch differs from its output alone (relative difference {error:.1e})"
+        )
         return True
 
     def _report_coupling(self, how: str) -> None:
@@ -599,28 +664,38 @@ class LayerGrads:
         return {name: torch.cat(gs) if len(gs) > 1 else gs[0] for name, gs in parts.items()}
 
     def project(
-        self, fn: OutputFn, inputs: Any, projector: Union[Projector, FactoredProjector], *,
+        self,
+        fn: OutputFn,
+        inputs: Any,
+        projector: Union[Projector, FactoredProjector],
+        *,
         chunk_size: Optional[int] = None,
     ) -> torch.Tensor:
         """``projector.project(grads(fn, inputs))`` without the (B, P) matrix: each layer's
         (B, |theta|) gradient is projected as it is produced. Returns (B, projection_dim), float32
         or the projector's wider dtype. A ``FactoredProjector`` gets its layers' inputs and output
         gradients instead, and those layers' (B, |theta|) gradients are never formed."""
-        factored = self._check_projector(projector)
+        self._check_projector(projector)
+        factored = projector if isinstance(projector, FactoredProjector) else None
         dtype = projector.dtype if projector.dtype in (torch.float32, torch.float64) else torch.float32
         n = batch_size_of(_as_tuple(inputs))
         out = torch.zeros(n, projector.projection_dim, dtype=dtype, device=projector.device)
         for start, chunk in self._chunks(inputs, chunk_size):
             rows = out[start : start + batch_size_of(chunk)]
-            if factored:
-                self._chunk(fn, chunk, lambda name, g: projector.project_param(name, g, rows),
-                            raw=projector.modules, raw_sink=lambda io: projector.project_call(io.module, io.a, io.d, rows))
+            if factored is not None:
+                self._chunk(
+                    fn,
+                    chunk,
+                    lambda name, g: factored.project_param(name, g, rows),
+                    raw=factored.modules,
+                    raw_sink=lambda io: factored.project_call(io.module, io.a, io.d, rows),
+                )
             else:
                 self._chunk(fn, chunk, lambda name, g: projector.project_param(name, g, rows))
         return out
 
-    def _check_projector(self, projector: Any) -> bool:
-        """Refuse a projector not built for the selected parameters; True for a factored one."""
+    def _check_projector(self, projector: Any) -> None:
+        """Refuse a projector not built for the selected parameters."""
         table = dict(self.model.named_parameters())
         wanted = {name: table[name].numel() for name in self.names}
         if isinstance(projector, FactoredProjector):
@@ -630,7 +705,7 @@ class LayerGrads:
                     f"projector: expected a FactoredProjector for the selected parameters {self.names}; "
                     f"it projects {sorted(held)}."
                 )
-            return True
+            return
         if not isinstance(projector, Projector):
             raise TypeError(f"projector: expected a Projector or FactoredProjector; got {type(projector).__name__}.")
         shapes = dict(zip(projector.names or [], projector.sizes))
@@ -639,15 +714,37 @@ class LayerGrads:
                 "projector: expected one built from the selected parameters' shapes, "
                 f"Projector(param_shapes(model, {self.names}), k); it has {projector.names or projector.grad_dim}."
             )
-        return False
 
 
 # Parameter-free modules that act on each example alone (in eval mode, for Dropout).
 _PER_EXAMPLE = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 
 
@@ -673,18 +770,34 @@ def per_example_grads(
     method: str = "hooks",
     fallback: str = "loop",
 ) -> dict[str, torch.Tensor]:
-    """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]``.
+    """Per-example gradients of ``fn(model, *inputs) -> Tensor[B]``:
+    g_b = d fn(model, *inputs)[b] / d theta for every example b, the same as a loop of
+    single-example autograd calls.
 
-    Returns ``{name: Tensor[B, *param.shape]}`` with row b = d fn(...)[b] / d param, the same as a
-    loop of single-example autograd calls, for the parameters selected by ``params`` (names,
-    module paths or modules; default all trainable), ``chunk_size`` examples at a time. Inputs
-    may be tensors or dicts of tensors batched on dim 0. ``method="hooks"``: the engine
-    (:class:`LayerGrads`: layer hooks, then vmap for layers without a rule, then a loop, each
-    fallback with a warning naming the module); ``"vmap"``: ``vmap(grad(.))`` over a functional
-    call, then a loop. ``fallback="error"`` raises where vmap cannot run the model instead of
-    looping. A random model (Dropout in training mode) or BatchNorm in training mode raises.
-    Each call checks the model once (a few single-example passes); for many batches keep one
-    ``LayerGrads(model, params)`` and call its ``grads``, as TRAK and TracIn do.
+    ``method="hooks"`` is the engine (:class:`LayerGrads`: layer hooks, then vmap for layers
+    without a rule, then a loop, each fallback with a warning naming the module); ``"vmap"`` is
+    ``vmap(grad(.))`` over a functional call, then a loop. A random model (Dropout in training
+    mode) or BatchNorm in training mode raises. Each call checks the model once (a few
+    single-example passes); for many batches keep one ``LayerGrads(model, params)`` and call its
+    ``grads``, as TRAK and TracIn do.
+
+    Args:
+        model (nn.Module): the model; its parameters are read, never changed.
+        fn (callable): ``fn(model, *inputs) -> Tensor[B]``, one scalar per example, written
+            for a batch.
+        inputs (tuple): the batch: tensors (or dicts of tensors) with first dimension B,
+            passed as ``fn(model, *inputs)``; anything else than a tuple is one argument.
+        params (list of str or nn.Module, optional): parameter names, module paths or modules
+            to differentiate. Default: every trainable parameter.
+        chunk_size (int, optional): examples per batched pass, to bound memory.
+            Default: the whole batch.
+        method (str, optional): "hooks" or "vmap". Default: "hooks".
+        fallback (str, optional): "loop" (one example at a time, with a warning) or "error"
+            (raise) where vmap cannot run the model. Default: "loop".
+
+    Returns:
+        dict[str, Tensor]: ``{name: Tensor[B, *param.shape]}`` in the order of the selected
+        parameters, row b = d fn(model, *inputs)[b] / d param.
 
     Example::
 

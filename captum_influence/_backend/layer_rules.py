@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 Grads = dict[str, torch.Tensor]
 
@@ -42,18 +45,27 @@ class LayerRule:
     ``dtype`` (or None: the operands') is the precision of the products. ``unsupported(module)``
     says why an instance cannot be handled (None when it can). Matrix layers also define
     ``factors(module, a, d) -> (A (B, T, in [+ 1]), D (B, T, out))`` and ``from_factors``.
+    The module argument is typed ``Any``: each rule takes its own layer type (``nn.Linear``,
+    ``_ConvNd``, ...), which a callable of ``nn.Module`` would not accept.
     """
 
-    grads: Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.dtype], set], Grads]
-    unsupported: Callable[[nn.Module], Optional[str]] = lambda module: None
-    factors: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
-    from_factors: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads]] = None
+    grads: Callable[[Any, torch.Tensor, torch.Tensor, Optional[torch.dtype], set], Grads]
+    unsupported: Callable[[Any], Optional[str]] = lambda module: None
+    factors: Optional[Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
+    from_factors: Optional[Callable[[Any, torch.Tensor, torch.Tensor], Grads]] = None
 
 
 # --- matrix layers ---------------------------------------------------------------------------
 
 
-def _matrix_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _MatrixLayer(Protocol):
+    """nn.Linear (weight (out, in)) or transformers' Conv1D (weight (in, out))."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _matrix_factors(module: _MatrixLayer, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, D) = (a with a column of ones when there is a bias, d), positions flattened: (B, T, .)."""
     batch = a.shape[0]
     a3, d3 = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
@@ -69,7 +81,7 @@ def _outer(a: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], weigh
     return torch.bmm(a.transpose(1, 2), d) if weight_in_out else torch.bmm(d.transpose(1, 2), a)
 
 
-def _matrix_from_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor, weight_in_out: bool = False) -> Grads:
+def _matrix_from_factors(module: _MatrixLayer, a: torch.Tensor, d: torch.Tensor, weight_in_out: bool = False) -> Grads:
     g = _outer(a, d, None, weight_in_out)
     width_in = module.weight.shape[0 if weight_in_out else 1]
     grads = {"weight": g[:, :width_in] if weight_in_out else g[..., :width_in]}
@@ -78,7 +90,14 @@ def _matrix_from_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor, we
     return grads
 
 
-def _matrix(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set, weight_in_out: bool = False) -> Grads:
+def _matrix(
+    module: _MatrixLayer,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    dtype: Optional[torch.dtype],
+    wanted: set,
+    weight_in_out: bool = False,
+) -> Grads:
     """dW_b = sum_t d_{b,t} a_{b,t}^T; dc_b = sum_t d_{b,t}. Uses the weight's actual shape."""
     batch = a.shape[0]
     a3, d3 = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
@@ -92,14 +111,14 @@ def _matrix(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: 
 
 # --- convolutions ----------------------------------------------------------------------------
 
-_CONV_WEIGHT_GRAD = {
-    nn.Conv1d: torch.nn.grad.conv1d_weight,
-    nn.Conv2d: torch.nn.grad.conv2d_weight,
-    nn.Conv3d: torch.nn.grad.conv3d_weight,
+_CONV_WEIGHT_GRAD: dict[type[_ConvNd], Callable[..., torch.Tensor]] = {
+    nn.Conv1d: conv1d_weight,
+    nn.Conv2d: conv2d_weight,
+    nn.Conv3d: conv3d_weight,
 }
 
 
-def _conv_input(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _conv_input(module: _ConvNd, a: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """The input as the convolution sees it and the zero padding still to apply: string padding
     ("same") may be uneven and other modes are not zeros, so those are padded here as forward does."""
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
@@ -108,7 +127,7 @@ def _conv_input(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return F.pad(a, module._reversed_padding_repeated_twice, mode=mode), 0
 
 
-def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _conv(module: _ConvNd, a: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], wanted: set) -> Grads:
     """dW_b = sum over output positions l of d_{b,l} (x) patch_{b,l} (per group), from one
     weight-gradient convolution with B x G groups: the batch folded into the channels, so example
     b's input only meets its own d_b. The bias gradient sums d over the positions."""
@@ -118,8 +137,13 @@ def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, dtype, wanted: se
         batch, groups = x.shape[0], module.groups
         weight_size = (batch * module.out_channels, *module.weight.shape[1:])
         grads = _CONV_WEIGHT_GRAD[type(module)](
-            x.reshape(1, -1, *x.shape[2:]), weight_size, _cast(d, dtype).reshape(1, -1, *d.shape[2:]),
-            stride=module.stride, padding=padding, dilation=module.dilation, groups=batch * groups,
+            x.reshape(1, -1, *x.shape[2:]),
+            weight_size,
+            _cast(d, dtype).reshape(1, -1, *d.shape[2:]),
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=batch * groups,
         )
         out["weight"] = grads.reshape(batch, *module.weight.shape)
     if "bias" in wanted:
@@ -145,27 +169,35 @@ def _affine_norm(x_hat: torch.Tensor, d: torch.Tensor, channel_dims: int, wanted
     return out
 
 
-def _batch_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _batch_norm(
+    module: _BatchNorm, x: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], wanted: set
+) -> Grads:
     """Eval mode: x_hat = (x - running_mean) / sqrt(running_var + eps), channels on dim 1."""
+    # _batch_norm_unsupported sends modules without running statistics elsewhere
+    assert module.running_mean is not None and module.running_var is not None
     shape = (1, -1) + (1,) * (x.dim() - 2)
     x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
     return _affine_norm(x_hat.movedim(1, -1), d.movedim(1, -1), 1, wanted)
 
 
-def _batch_norm_unsupported(module: nn.Module) -> Optional[str]:
+def _batch_norm_unsupported(module: _BatchNorm) -> Optional[str]:
     if module.running_mean is None:  # training mode raises before this, as on the vmap path
         return "BatchNorm without running statistics normalises with the batch's"
     return None
 
 
-def _layer_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _layer_norm(
+    module: nn.LayerNorm, x: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], wanted: set
+) -> Grads:
     """x_hat = (x - mean) / sqrt(var + eps) over the last len(normalized_shape) dimensions (one
     fused layer_norm without affine parameters)."""
     x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
     return _affine_norm(x_hat, d, len(module.normalized_shape), wanted)
 
 
-def _group_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _group_norm(
+    module: nn.GroupNorm, x: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], wanted: set
+) -> Grads:
     """x_hat normalised within each example's channel groups; weight and bias per channel."""
     x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
     return _affine_norm(x_hat.movedim(1, -1), d.movedim(1, -1), 1, wanted)
@@ -174,7 +206,9 @@ def _group_norm(module: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype, want
 # --- embeddings ------------------------------------------------------------------------------
 
 
-def _embedding(module: nn.Module, ids: torch.Tensor, d: torch.Tensor, dtype, wanted: set) -> Grads:
+def _embedding(
+    module: nn.Embedding, ids: torch.Tensor, d: torch.Tensor, dtype: Optional[torch.dtype], wanted: set
+) -> Grads:
     """dW_b[v] = sum of d_{b,t} over the positions t where example b looked up row v."""
     batch, num, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
     flat_ids = ids.reshape(batch, -1)
@@ -187,7 +221,7 @@ def _embedding(module: nn.Module, ids: torch.Tensor, d: torch.Tensor, dtype, wan
     return {"weight": grads.reshape(batch, num, dim)}
 
 
-def _embedding_unsupported(module: nn.Module) -> Optional[str]:
+def _embedding_unsupported(module: nn.Embedding) -> Optional[str]:
     if module.scale_grad_by_freq:
         return "scale_grad_by_freq scales by counts over the whole batch"
     if module.max_norm is not None:
@@ -206,7 +240,9 @@ _RULES: dict[type, LayerRule] = {
     nn.LayerNorm: LayerRule(_layer_norm),
     nn.GroupNorm: LayerRule(_group_norm),
     nn.Embedding: LayerRule(_embedding, _embedding_unsupported),
-    **{cls: LayerRule(_batch_norm, _batch_norm_unsupported) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    **{
+        cls: LayerRule(_batch_norm, _batch_norm_unsupported) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    },
 }
 
 
@@ -214,7 +250,8 @@ _RULES: dict[type, LayerRule] = {
 # transformers' Conv1D (GPT-2) is y = a W + c with W stored (in, out).
 _RULES_BY_NAME: dict[str, LayerRule] = {
     "transformers.pytorch_utils.Conv1D": LayerRule(
-        partial(_matrix, weight_in_out=True), factors=_matrix_factors,
+        partial(_matrix, weight_in_out=True),
+        factors=_matrix_factors,
         from_factors=partial(_matrix_from_factors, weight_in_out=True),
     ),
 }

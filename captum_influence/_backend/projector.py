@@ -46,7 +46,7 @@ def _signs32(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     where the bit is set: the same finaliser in wrapping int32 arithmetic, in place, half the memory
     traffic of int64 (the low 32 bits of a product do not depend on the width; shifts are masked
     to be logical)."""
-    x = (rows.to(torch.int32)[:, None] ^ cols.to(torch.int32)[None, :])
+    x = rows.to(torch.int32)[:, None] ^ cols.to(torch.int32)[None, :]
     for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B - 2**32)):
         x ^= (x >> shift) & ((1 << (32 - shift)) - 1)
         x *= factor
@@ -243,17 +243,13 @@ class Projector:
     def _pieces(self, grads) -> list[torch.Tensor]:
         if isinstance(grads, torch.Tensor):
             if grads.dim() != 2 or grads.shape[1] != self.grad_dim:
-                raise ValueError(
-                    f"grads: expected shape (B, {self.grad_dim}); got {tuple(grads.shape)}."
-                )
+                raise ValueError(f"grads: expected shape (B, {self.grad_dim}); got {tuple(grads.shape)}.")
             return [grads]
         if not isinstance(grads, Mapping):
             raise TypeError(f"grads: expected a Tensor or a dict of Tensors; got {type(grads).__name__}.")
         names = self.names if self.names is not None else list(grads.keys())
         if set(grads.keys()) != set(names):
-            raise ValueError(
-                f"grads: the projector was built for parameters {names}; got {list(grads.keys())}."
-            )
+            raise ValueError(f"grads: the projector was built for parameters {names}; got {list(grads.keys())}.")
         pieces = [grads[name].reshape(grads[name].shape[0], -1) for name in names]
         batch = {p.shape[0] for p in pieces}
         widths = [p.shape[1] for p in pieces]

@@ -27,9 +27,7 @@ def iter_score_blocks(
 
     ``transform(scores, start, stop)`` may rescale a block (for example by per-train weights)."""
     if queries.shape[1] != keys.shape[1]:
-        raise ValueError(
-            f"queries: feature dimension {queries.shape[1]} does not match the stored {keys.shape[1]}."
-        )
+        raise ValueError(f"queries: feature dimension {queries.shape[1]} does not match the stored {keys.shape[1]}.")
     n = keys.shape[0]
     q = queries.to(dtype)
     for start in range(0, n, block_size):
@@ -76,20 +74,19 @@ def merge_topk(
     """Top ``k`` per row of a score matrix given as column blocks ``(start, S[:, start:stop])``,
     keeping a running top-k; returns values and column indices, ties to the lower index (exactly
     the first k columns of a stable argsort of the whole matrix)."""
-    best_v: Optional[torch.Tensor] = None
-    best_i: Optional[torch.Tensor] = None
+    best: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (values, indices)
     for start, block in blocks:
         values, indices = _block_topk(block, start, k, largest)
-        if best_v is not None:
-            values, indices = torch.cat([best_v, values], dim=1), torch.cat([best_i, indices], dim=1)
+        if best is not None:
+            values, indices = torch.cat([best[0], values], dim=1), torch.cat([best[1], indices], dim=1)
         # Sorted by index, then stably by value: ties keep the lower index whatever the block order.
         order = torch.argsort(indices, dim=1)
         values, indices = values.gather(1, order), indices.gather(1, order)
         order = torch.argsort(-values if largest else values, dim=1, stable=True)[:, :k]
-        best_v, best_i = values.gather(1, order), indices.gather(1, order)
-    if best_v is None:
+        best = values.gather(1, order), indices.gather(1, order)
+    if best is None:
         raise ValueError("blocks: no score block to take the top k of.")
-    return best_v, best_i
+    return best
 
 
 def topk(

@@ -1,15 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import neg_ce_fn
 from torch import nn
 
 import captum_influence as ci
 from captum_influence._backend import param_shapes
 from captum_influence._backend.layer_grads import LayerGrads, per_example_grads, projected_grads
-
-
-def ce_fn(model, x, y):
-    return -F.cross_entropy(model(x), y, reduction="none")
 
 
 def assert_close(ours, ref, tol=1e-10):
@@ -80,8 +77,8 @@ def lm_batch(n=7, length=5, vocab=11):
 def test_conv_norm_linear_equal_vmap():
     model = conv_net()
     x, y = torch.randn(6, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (6,))
-    ref = ci.per_example_grads(model, ce_fn, (x, y), method="vmap")
-    ours = LayerGrads(model, fallback="error").grads(ce_fn, (x, y))  # every layer by hooks
+    ref = ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap")
+    ours = LayerGrads(model, fallback="error").grads(neg_ce_fn, (x, y))  # every layer by hooks
     assert_close(ours, ref)
 
 
@@ -91,19 +88,19 @@ def test_embedding_layernorm_reused_and_tied_layers_equal_vmap():
     with torch.no_grad():
         model.norm.weight.normal_()
     tokens, y = lm_batch()
-    ref = ci.per_example_grads(model, ce_fn, (tokens, y), method="vmap")
+    ref = ci.per_example_grads(model, neg_ce_fn, (tokens, y), method="vmap")
     lg = LayerGrads(model, fallback="error")
     assert lg.vmap_names == []
-    assert_close(lg.grads(ce_fn, (tokens, y)), ref)  # the padding row included
+    assert_close(lg.grads(neg_ce_fn, (tokens, y)), ref)  # the padding row included
 
 
 def test_chunking_and_batch_size_do_not_change_results():
     model = conv_net()
     x, y = torch.randn(10, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (10,))
     lg = LayerGrads(model)
-    whole = lg.grads(ce_fn, (x, y))
-    assert_close(lg.grads(ce_fn, (x, y), chunk_size=3), whole, tol=1e-12)
-    single = [lg.grads(ce_fn, (x[i : i + 1], y[i : i + 1])) for i in range(10)]
+    whole = lg.grads(neg_ce_fn, (x, y))
+    assert_close(lg.grads(neg_ce_fn, (x, y), chunk_size=3), whole, tol=1e-12)
+    single = [lg.grads(neg_ce_fn, (x[i : i + 1], y[i : i + 1])) for i in range(10)]
     assert_close({k: torch.cat([s[k] for s in single]) for k in whole}, whole, tol=1e-12)
 
 
@@ -112,16 +109,16 @@ def test_projection_as_produced_equals_projector_on_vmap_grads():
     x, y = torch.randn(9, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (9,))
     names = [n for n, _ in model.named_parameters()]
     proj = ci.Projector(param_shapes(model, names), 64, seed=2, dtype=torch.float64, block_rows=37)
-    ref = proj.project(ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
+    ref = proj.project(ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap"))
     for chunk_size in (None, 4):
-        ours = projected_grads(model, ce_fn, (x, y), proj, chunk_size=chunk_size)
+        ours = projected_grads(model, neg_ce_fn, (x, y), proj, chunk_size=chunk_size)
         assert (ours - ref).abs().max() < 1e-10 * ref.abs().max()
-    by_vmap = projected_grads(model, ce_fn, (x, y), proj, method="vmap", chunk_size=5)
+    by_vmap = projected_grads(model, neg_ce_fn, (x, y), proj, method="vmap", chunk_size=5)
     assert (by_vmap - ref).abs().max() < 1e-10 * ref.abs().max()
     # A parameter selection projects only those parameters' rows.
     sub = ci.Projector(param_shapes(model, ["fc.weight", "bn.bias"]), 32, seed=2, dtype=torch.float64)
-    ours = projected_grads(model, ce_fn, (x, y), sub, params=["fc.weight", "bn.bias"])
-    ref = sub.project(ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "bn.bias"], method="vmap"))
+    ours = projected_grads(model, neg_ce_fn, (x, y), sub, params=["fc.weight", "bn.bias"])
+    ref = sub.project(ci.per_example_grads(model, neg_ce_fn, (x, y), params=["fc.weight", "bn.bias"], method="vmap"))
     assert (ours - ref).abs().max() < 1e-10 * ref.abs().max()
 
 
@@ -149,8 +146,8 @@ def test_bf16_products_close_to_exact():
     names = [n for n, _ in model.named_parameters()]
     exact = ci.Projector(param_shapes(model, names), 128, seed=0)
     low = ci.Projector(param_shapes(model, names), 128, seed=0, dtype=torch.bfloat16)
-    ref = projected_grads(model, ce_fn, (x, y), exact)
-    ours = projected_grads(model, ce_fn, (x, y), low, precision="bf16")
+    ref = projected_grads(model, neg_ce_fn, (x, y), exact)
+    ours = projected_grads(model, neg_ce_fn, (x, y), low, precision="bf16")
     assert ours.dtype == torch.float32
     rel = (ours - ref).norm(dim=1) / ref.norm(dim=1)
     assert rel.max() < 2e-2
@@ -173,16 +170,18 @@ class AttnNet(nn.Module):
 def test_module_without_rule_falls_back_with_warning_or_raises():
     model = AttnNet().double().eval()
     tokens, y = torch.randint(0, 20, (5, 4)), torch.randint(0, 3, (5,))
-    ref = ci.per_example_grads(model, ce_fn, (tokens, y), method="vmap")
+    ref = ci.per_example_grads(model, neg_ce_fn, (tokens, y), method="vmap")
     with pytest.warns(UserWarning, match="module 'attn'.*MultiheadAttention"):
         lg = LayerGrads(model)
     assert lg.vmap_names == ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
-    assert_close(lg.grads(ce_fn, (tokens, y)), ref)
+    assert_close(lg.grads(neg_ce_fn, (tokens, y)), ref)
     with pytest.raises(ValueError, match="'attn'.*MultiheadAttention"):
         LayerGrads(model, fallback="error")
     # Selecting only parameters with a rule needs no fallback.
-    assert_close(LayerGrads(model, ["emb", "head"], fallback="error").grads(ce_fn, (tokens, y)),
-                 ci.per_example_grads(model, ce_fn, (tokens, y), params=["emb", "head"], method="vmap"))
+    assert_close(
+        LayerGrads(model, ["emb", "head"], fallback="error").grads(neg_ce_fn, (tokens, y)),
+        ci.per_example_grads(model, neg_ce_fn, (tokens, y), params=["emb", "head"], method="vmap"),
+    )
 
 
 class SharedOutside(nn.Module):
@@ -216,32 +215,34 @@ def test_checked_against_autograd_never_silently_wrong():
     model = SharedOutside().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(ValueError, match="'fc'.*do not reproduce autograd"):
-        LayerGrads(model, fallback="error").grads(ce_fn, (x, y))
+        LayerGrads(model, fallback="error").grads(neg_ce_fn, (x, y))
     lg = LayerGrads(model)
     with pytest.warns(UserWarning, match="'fc'.*fc.weight"):
-        ours = lg.grads(ce_fn, (x, y))
+        ours = lg.grads(neg_ce_fn, (x, y))
     assert "fc.weight" in lg.vmap_names and "out.weight" not in lg.vmap_names
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
+    assert_close(ours, ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap"))
 
     model = TimeFirst().double()
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match="'fc'.*first dimension is neither the batch"):
-        LayerGrads(model, fallback="error").grads(ce_fn, (x, y))
+        LayerGrads(model, fallback="error").grads(neg_ce_fn, (x, y))
     with pytest.warns(UserWarning, match="'fc'.*first dimension is neither the batch"):
-        assert_close(per_example_grads(model, ce_fn, (x, y)), ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
+        assert_close(
+            per_example_grads(model, neg_ce_fn, (x, y)), ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap")
+        )
     # When T happens to equal B the shapes cannot tell; the autograd check does.
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     with pytest.warns(UserWarning, match="'fc'"):
-        ours = per_example_grads(model, ce_fn, (x, y))
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
+        ours = per_example_grads(model, neg_ce_fn, (x, y))
+    assert_close(ours, ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap"))
 
 
 def test_frozen_parameters_selected_by_name_and_model_left_as_is():
     model = conv_net()
     model.fc.weight.requires_grad_(False)
     x, y = torch.randn(4, 2, 12, 10, dtype=torch.float64), torch.randint(0, 5, (4,))
-    ours = per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"])
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), params=["fc.weight", "conv"], method="vmap"))
+    ours = per_example_grads(model, neg_ce_fn, (x, y), params=["fc.weight", "conv"])
+    assert_close(ours, ci.per_example_grads(model, neg_ce_fn, (x, y), params=["fc.weight", "conv"], method="vmap"))
     assert not model.fc.weight.requires_grad
 
 
@@ -266,14 +267,14 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="fn: must return one scalar per example"):
         LayerGrads(model).grads(lambda m, a, b: m(a), (x, y))
     with pytest.raises(ValueError, match="projector"):
-        projected_grads(model, ce_fn, (x, y), ci.Projector({"fc.weight": (5, 72)}, 8))
+        projected_grads(model, neg_ce_fn, (x, y), ci.Projector({"fc.weight": (5, 72)}, 8))
     with pytest.raises(ValueError, match="method"):
-        projected_grads(model, ce_fn, (x, y), ci.Projector(10, 8), method="loop")
+        projected_grads(model, neg_ce_fn, (x, y), ci.Projector(10, 8), method="loop")
     with pytest.raises(ValueError, match="in place"):
         per_example_grads(InPlaceInput(), lambda m, a: m(a).sum(1), (torch.randn(3, 3),))
     model.bn.train()
     with pytest.raises(ValueError, match="training mode"):
-        per_example_grads(model, ce_fn, (x, y))
+        per_example_grads(model, neg_ce_fn, (x, y))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -283,17 +284,17 @@ def test_gpu_hooks_equal_vmap_and_bf16_close():
     names = [n for n, _ in model.named_parameters()]
     shapes = param_shapes(model, names)
     proj = ci.Projector(shapes, 256, seed=1, device="cuda")
-    ref = projected_grads(model, ce_fn, (x, y), proj, method="vmap")
-    ours = projected_grads(model, ce_fn, (x, y), proj)
+    ref = projected_grads(model, neg_ce_fn, (x, y), proj, method="vmap")
+    ours = projected_grads(model, neg_ce_fn, (x, y), proj)
     assert ((ours - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-4
     # The same matrix as on the CPU, in float64 there.
     cpu = ci.Projector(shapes, 256, seed=1, dtype=torch.float64)
-    ref64 = projected_grads(model.cpu().double(), ce_fn, (x.cpu().double(), y.cpu()), cpu)
+    ref64 = projected_grads(model.cpu().double(), neg_ce_fn, (x.cpu().double(), y.cpu()), cpu)
     assert ((ours.cpu().double() - ref64).norm(dim=1) / ref64.norm(dim=1)).max() < 1e-4
     model.cuda().float()
     for precision, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16)):
         low = ci.Projector(shapes, 256, seed=1, device="cuda", dtype=dtype)
-        out = projected_grads(model, ce_fn, (x, y), low, precision=precision)
+        out = projected_grads(model, neg_ce_fn, (x, y), low, precision=precision)
         assert ((out - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
 
 
@@ -319,7 +320,7 @@ def test_batch_shared_parameters_exact_and_misused_ones_fall_back(n):
     x, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
     with pytest.warns(UserWarning, match="parameter 'w'") as record:
         lg = LayerGrads(model)
-        ours = lg.grads(ce_fn, (x, y))
+        ours = lg.grads(neg_ce_fn, (x, y))
     assert not any("'cls'" in str(w.message) for w in record)
     assert lg.shared_names == ["cls"] and lg.vmap_names == ["w"]
-    assert_close(ours, ci.per_example_grads(model, ce_fn, (x, y), method="vmap"))
+    assert_close(ours, ci.per_example_grads(model, neg_ce_fn, (x, y), method="vmap"))

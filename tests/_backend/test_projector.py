@@ -67,7 +67,9 @@ def test_same_matrix_on_gpu():
     gpu = ci.Projector(3000, 128, seed=5, device="cuda")
     assert torch.equal(gpu.matrix().cpu(), cpu.matrix())
     g = ci.Projector(3000, 128, seed=5, kind="gaussian")
-    assert torch.allclose(ci.Projector(3000, 128, seed=5, kind="gaussian", device="cuda").matrix().cpu(), g.matrix(), atol=1e-6)
+    assert torch.allclose(
+        ci.Projector(3000, 128, seed=5, kind="gaussian", device="cuda").matrix().cpu(), g.matrix(), atol=1e-6
+    )
 
 
 def test_bad_arguments():
