@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Literal, Optional, Sequence, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class ModelOutput(ABC):
         with torch.no_grad():
             return f, self.out_to_loss_grad(model, batch)
 
-    def prepare(self, model: nn.Module, data: Iterable[Batch]) -> None:
+    def prepare(self, model: nn.Module, data: Iterable[Batch]) -> None:  # noqa: B027 (an optional hook: no-op default)
         """Called once per checkpoint before featurising, with the training batches. Does nothing here."""
 
 
@@ -109,8 +109,11 @@ def _out_to_loss_grad_by_autograd(task: ModelOutput, model: nn.Module, batch: Ba
                 raise ValueError(f"task: {type(task).__name__}.{name} must return Tensor[B]; got {shape}.")
         n = f.shape[0]
         # Per-example outputs only; a leaf shared by the batch (a logit scale) is not one example's.
-        wrt = [t for t in tree_flatten(leaves)[0] if isinstance(t, torch.Tensor) and t.requires_grad
-               and t.dim() > 0 and t.shape[0] == n]
+        wrt = [
+            t
+            for t in tree_flatten(leaves)[0]
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > 0 and t.shape[0] == n
+        ]
         if not wrt:
             raise ValueError(
                 f"task: {type(task).__name__}.output does not call model(...), so its outputs cannot "
@@ -146,11 +149,21 @@ def _out_to_loss_grad_by_autograd(task: ModelOutput, model: nn.Module, batch: Ba
     return (-fl / ff).to(f.dtype)
 
 
+@overload
+def _check_temperature(temperature: Any, *, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def _check_temperature(temperature: Any, *, allow_none: bool) -> Optional[float]: ...
+
+
 def _check_temperature(temperature: Any, *, allow_none: bool = False) -> Optional[float]:
     if temperature is None and allow_none:
         return None
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
     ):
         expected = "a positive float or None" if allow_none else "a positive float"
         raise ValueError(f"temperature: expected {expected}; got {temperature!r}.")
@@ -189,10 +202,14 @@ class ClassificationOutput(ModelOutput):
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(
                 f"model: {type(self).__name__} needs logits of shape (batch, classes) with at least 2 "
-                f"classes; got {tuple(logits.shape)}. For one binary logit z, return torch.cat([torch.zeros_like(z), z], 1)."
+                f"classes; got {tuple(logits.shape)}. "
+                "For one binary logit z, return torch.cat([torch.zeros_like(z), z], 1)."
             )
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1 or (
-            labels.shape[0] != logits.shape[0]
+        if (
+            labels.dtype.is_floating_point
+            or labels.dtype == torch.bool
+            or labels.dim() != 1
+            or (labels.shape[0] != logits.shape[0])
         ):
             raise ValueError(
                 f"batch: labels must be class indices, an integer Tensor of shape ({logits.shape[0]},); "
@@ -309,7 +326,9 @@ class RegressionOutput(ModelOutput):
         inputs, labels = _batch(batch)
         pred = logits_of(call_model(model, inputs))
         if pred.dim() not in (1, 2) or (pred.dim() == 2 and pred.shape[1] != 1):
-            raise ValueError(f"model: RegressionOutput needs outputs of shape (batch,) or (batch, 1); got {tuple(pred.shape)}.")
+            raise ValueError(
+                f"model: RegressionOutput needs outputs of shape (batch,) or (batch, 1); got {tuple(pred.shape)}."
+            )
         n = pred.shape[0]
         if not labels.dtype.is_floating_point or labels.numel() != n:
             raise ValueError(
@@ -374,13 +393,18 @@ class ContrastiveOutput(ModelOutput):
     @staticmethod
     def _check_negatives(negatives: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ok = (
-            isinstance(negatives, (tuple, list)) and len(negatives) == 2
+            isinstance(negatives, (tuple, list))
+            and len(negatives) == 2
             and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in negatives)
-            and negatives[0].shape == negatives[1].shape and negatives[0].shape[0] > 0
+            and negatives[0].shape == negatives[1].shape
+            and negatives[0].shape[0] > 0
         )
         if not ok:
-            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in negatives] if isinstance(
-                negatives, (tuple, list)) else type(negatives).__name__
+            got = (
+                [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in negatives]
+                if isinstance(negatives, (tuple, list))
+                else type(negatives).__name__
+            )
             raise ValueError(
                 "negatives: expected (image_features, text_features), two tensors of the same shape "
                 f"(K, d) with K >= 1; got {got}."
@@ -390,14 +414,21 @@ class ContrastiveOutput(ModelOutput):
     def features(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(u, v, scale)``: image and text features (B, d) and the model's logit scale (or None)."""
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            got = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+            got = (
+                f"{type(batch).__name__} of length {len(batch)}"
+                if isinstance(batch, (tuple, list))
+                else type(batch).__name__
+            )
             raise ValueError(f"batch: ContrastiveOutput expects (images, texts); got {got}.")
         out = model(*batch)
         if isinstance(out, Mapping):
             out = (out.get("image_features"), out.get("text_features"), out.get("logit_scale"))
-        if not isinstance(out, (tuple, list)) or len(out) not in (2, 3) or not all(
-            isinstance(t, torch.Tensor) and t.dim() == 2 for t in out[:2]
-        ) or out[0].shape != out[1].shape:
+        if (
+            not isinstance(out, (tuple, list))
+            or len(out) not in (2, 3)
+            or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in out[:2])
+            or out[0].shape != out[1].shape
+        ):
             raise ValueError(
                 "model: ContrastiveOutput needs forward(images, texts) to return (image_features, "
                 "text_features[, logit_scale]) with features of the same shape (B, d), or a dict with "
@@ -474,6 +505,5 @@ def get_task(task: Union[str, ModelOutput, type], *, arg: str = "task") -> Model
     if isinstance(task, str) and task in _TASKS:
         return _TASKS[task]()
     raise (ValueError if isinstance(task, str) else TypeError)(
-        f"{arg}: expected a ModelOutput instance or subclass, or one of "
-        f"{', '.join(map(repr, _TASKS))}; got {task!r}."
+        f"{arg}: expected a ModelOutput instance or subclass, or one of {', '.join(map(repr, _TASKS))}; got {task!r}."
     )

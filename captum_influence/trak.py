@@ -25,11 +25,21 @@ from typing import Any, Callable, NoReturn, Optional, Union
 
 import numpy as np
 import torch
+from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._backend import FeatureStore, LayerGrads, Projector, damped_cholesky, gram, param_shapes, select_param_names, shared_array
+from ._backend import (
+    FeatureStore,
+    LayerGrads,
+    Projector,
+    damped_cholesky,
+    gram,
+    param_shapes,
+    select_param_names,
+    shared_array,
+)
 from ._backend.factored_projection import FactoredProjector, factorable
 from ._backend.grads import slice_batch
 from ._backend.layer_grads import exact_by_construction
@@ -253,11 +263,23 @@ class TRAK(GradientFeatureInfluence):
         timeout: Optional[float] = None,
         projection: str = "dense",
     ):
-        if batch_size is None and isinstance(model, nn.Module) and not isinstance(train_dataset, DataLoader):
-            batch_size = _auto_batch_size(model, select_param_names(model, layers, arg="layers"))
+        if batch_size is None:
+            # From the model's size (a model that is not an nn.Module is refused by the base class);
+            # with a DataLoader it batches the queries, the loader keeping its own batches.
+            batch_size = (
+                _auto_batch_size(model, select_param_names(model, layers, arg="layers"))
+                if isinstance(model, nn.Module)
+                else _BATCH_RANGE[0]
+            )
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func,
-            batch_size=batch_size, device=device, show_progress=show_progress, timeout=timeout,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            batch_size=batch_size,
+            device=device,
+            show_progress=show_progress,
+            timeout=timeout,
         )
         self.task = get_task(task)
         self.param_names = select_param_names(model, layers, arg="layers")
@@ -277,8 +299,15 @@ class TRAK(GradientFeatureInfluence):
         if projection == "factored" and self.projection_dim is not None:
             self.projection_dim = self._factored(0).projection_dim  # the k made: products per layer
         self.feature_dim = self.projection_dim or grad_dim
-        if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
-                                      and math.isfinite(damping) and damping >= 0)):
+        if not (
+            damping == "auto"
+            or (
+                isinstance(damping, (int, float))
+                and not isinstance(damping, bool)
+                and math.isfinite(damping)
+                and damping >= 0
+            )
+        ):
             raise ValueError(f"damping: expected a float >= 0 or 'auto'; got {damping!r}.")
         self.damping = damping if damping == "auto" else float(damping)
         if inverse_scaling not in _INVERSE_SCALINGS:
@@ -289,7 +318,7 @@ class TRAK(GradientFeatureInfluence):
             self.store = FeatureStore(store_dir, self._metadata())
         self._solves: Optional[list[_Solve]] = None
         self._keys: Optional[Features] = None
-        self._projectors: dict[int, Projector] = {}
+        self._projectors: dict[int, Union[Projector, FactoredProjector]] = {}
 
     def _check_memory(self, stored: bool) -> None:
         """Refuse up front what cannot fit: the k x k float64 Gram matrix and its factor of one
@@ -343,8 +372,13 @@ class TRAK(GradientFeatureInfluence):
             "layers": self.param_names,
             "checkpoints": [_checkpoint_identity(c) for c in self.checkpoints],
             "task": _task_identity(self.task),
-            "projection": {"kind": (self.projection if self.projection == "factored" else "rademacher")
-                           if self.projection_dim else "identity", "dim": self.feature_dim, "seed": self.seed},
+            "projection": {
+                "kind": (self.projection if self.projection == "factored" else "rademacher")
+                if self.projection_dim
+                else "identity",
+                "dim": self.feature_dim,
+                "seed": self.seed,
+            },
             "damping": self.damping,
             "inverse_scaling": self.inverse_scaling,
             "n_train": self.n_train,
@@ -361,8 +395,9 @@ class TRAK(GradientFeatureInfluence):
         held = {name for m in layers.values() for name in engine.module_params(m)}
         dense = {name: shape for name, shape in self.param_shapes.items() if name not in held}
         assert self._asked_dim is not None
-        return FactoredProjector(layers, dense, self._asked_dim, seed=_checkpoint_seed(self.seed, index),
-                                 device=self.device)
+        return FactoredProjector(
+            layers, dense, self._asked_dim, seed=_checkpoint_seed(self.seed, index), device=self.device
+        )
 
     def _projector(self, index: int) -> Union[Projector, FactoredProjector]:
         """Checkpoint ``index``'s projector. Kept between calls when the matrices of all checkpoints
@@ -373,7 +408,8 @@ class TRAK(GradientFeatureInfluence):
             return self._projectors[index]
         if self.projection_dim is None:
             projector: Union[Projector, FactoredProjector] = Projector(
-                self.param_shapes, None, kind="identity", device=self.device)
+                self.param_shapes, None, kind="identity", device=self.device
+            )
         elif self.projection == "factored":
             projector = self._factored(index)
             if projector.projection_dim != self.projection_dim:
@@ -394,8 +430,9 @@ class TRAK(GradientFeatureInfluence):
         self._projectors[index] = projector
         return projector
 
-    def _grads_and_q(self, projector: Union[Projector, FactoredProjector], start: int, batch: tuple, index: int,
-                     arg: str) -> torch.Tensor:
+    def _grads_and_q(
+        self, projector: Union[Projector, FactoredProjector], start: int, batch: tuple, index: int, arg: str
+    ) -> torch.Tensor:
         """Rows ``[phi(z), Q(z)]`` of a batch, (B, k + 1), checked to be finite. f and Q come from
         one forward where the engine runs the task's output once on the whole batch."""
         n = len(batch[-1])
@@ -408,6 +445,7 @@ class TRAK(GradientFeatureInfluence):
                 parts = [batch] if not engine.coupled else [slice_batch(batch, b, b + 1) for b in range(n)]
                 q = torch.cat([output.out_to_loss_grad(self.model, part) for part in parts])
         except _TaskFailure as failure:
+            assert failure.__cause__ is not None  # raised from the task's ValueError
             self._task_failed(failure.__cause__, start, n, index, arg)
         except (IndexError, RuntimeError) as err:  # a batch the model cannot take
             self._task_failed(err, start, n, index, arg)
@@ -448,17 +486,20 @@ class TRAK(GradientFeatureInfluence):
         With a store, finished batches are not redone and a checkpoint whose keys are written
         keeps its stored solve; a damaged file's work is redone (bit-identical) with a warning."""
         if self._solves is not None:
+            assert self._keys is not None  # set with the solves
             return self._solves, self._keys
         n, k, count = self.n_train, self.feature_dim, len(self.checkpoints)
+        keys: Features
+        done: np.ndarray  # the store's memmap, flushed as each checkpoint is done, or in memory
         if self.store is not None:  # opened by every rank under torch.distributed
-            keys: Features = shared_array(self.store, "keys", (n, count * k), finite=True)
+            keys = shared_array(self.store, "keys", (n, count * k), finite=True)
             done = shared_array(self.store, "keys.done", (count,), np.uint8)
         else:
             keys, done = torch.empty(n, count * k), np.zeros(count, dtype=np.uint8)
         q_sum = torch.zeros(n, dtype=torch.float64)
         solves = []
         for index, _ in self._iter_checkpoints("TRAK: checkpoints"):
-            prepared = []
+            prepared: list[bool] = []
             projector = self._projector(index)
 
             def compute(item, p=projector, i=index):
@@ -472,16 +513,24 @@ class TRAK(GradientFeatureInfluence):
             )
             solve = self._stored_solve(index) if done[index] else None
             if solve is None:
-                solve = _solve_for(rows[:, :k], self.damping, n_checkpoints=count,
-                                  inverse_scaling=self.inverse_scaling, device=self.device)
+                solve = _solve_for(
+                    rows[:, :k],
+                    self.damping,
+                    n_checkpoints=count,
+                    inverse_scaling=self.inverse_scaling,
+                    device=self.device,
+                )
                 if self.store is not None:
                     self.store.unfinish("keys")
                 self._write_keys(rows, keys, solve, index)
                 if self.store is not None:
                     self.store.save_tensor(f"factor_{index}", solve.factor)
-                    self.store.save_tensor(f"solve_{index}", torch.tensor([solve.damping, solve.coef], dtype=torch.float64))
+                    self.store.save_tensor(
+                        f"solve_{index}", torch.tensor([solve.damping, solve.coef], dtype=torch.float64)
+                    )
                     done[index] = 1
-                    done.flush()
+                    if isinstance(done, np.memmap):
+                        done.flush()
             q_sum += as_tensor_block(rows[:, k:], 0, n, torch.float64).flatten()
             solves.append(solve)
             if visit is not None:
@@ -496,6 +545,7 @@ class TRAK(GradientFeatureInfluence):
 
     def _stored_solve(self, index: int) -> Optional[_Solve]:
         """Checkpoint ``index``'s solve from the store, or None when a file of it is damaged."""
+        assert self.store is not None  # called for checkpoints the store marks done
         factor = self.store.load_tensor(f"factor_{index}")
         settings = self.store.load_tensor(f"solve_{index}")
         if factor is None or settings is None:
@@ -507,7 +557,10 @@ class TRAK(GradientFeatureInfluence):
         for start in range(0, self.n_train, block):
             stop = min(start + block, self.n_train)
             psi = solve.whiten(as_tensor_block(rows, start, stop, torch.float64, self.device)[:, :k]).float().cpu()
-            keys[start:stop, index * k : (index + 1) * k] = psi.numpy() if isinstance(keys, np.ndarray) else psi
+            if isinstance(keys, np.ndarray):
+                keys[start:stop, index * k : (index + 1) * k] = psi.numpy()
+            else:
+                keys[start:stop, index * k : (index + 1) * k] = psi
         if isinstance(keys, np.memmap):
             keys.flush()
 
@@ -526,7 +579,9 @@ class TRAK(GradientFeatureInfluence):
         q_sum = torch.zeros(n, dtype=torch.float64)
 
         def featurise(index: int, projector: Any, solve: _Solve) -> None:
-            for start, batch in tqdm(batches, desc=f"checkpoint {index}: inputs", disable=not self.show_progress, leave=False):
+            for start, batch in tqdm(
+                batches, desc=f"checkpoint {index}: inputs", disable=not self.show_progress, leave=False
+            ):
                 rows = self._grads_and_q(projector, start, batch, index, "inputs")
                 stop = start + rows.shape[0]
                 psi[start:stop, index * k : (index + 1) * k] = solve.whiten(rows[:, :k]).float().cpu()
@@ -543,12 +598,56 @@ class TRAK(GradientFeatureInfluence):
     def _test_features(self, inputs: Any) -> torch.Tensor:
         return self._featurise_inputs(inputs)[0]
 
+    def influence(
+        self,
+        inputs: Any,
+        k: Optional[int] = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> Union[torch.Tensor, KMostInfluentialResults]:
+        """TRAK scores of the training examples for the examples in ``inputs``:
+        tau(z, z_i) = psi(z) . psi(z_i) * Q(z_i), with psi from :meth:`compute_intermediate_quantities`.
+        The training set is featurised on the first call and kept (in ``store_dir`` if given).
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the test examples, a batch ``(*model_inputs,
+                labels)`` or a dataset of such tuples.
+            k (int, optional): return only the top ``k`` training examples per test example,
+                clamped to n_train. Default: None (every score).
+            proponents (bool, optional): with ``k``, the highest scores (True) or the lowest,
+                the opponents (False). Default: True.
+            show_progress (bool, optional): tqdm bars over checkpoints and batches.
+                Default: False.
+            aggregate (bool, optional): score the sum of the test examples' outputs,
+                sum_z tau(z, z_i), instead of each test example. Default: False.
+
+        Returns:
+            Tensor or KMostInfluentialResults: without ``k``, the scores (n_test, n_train)
+            ((1, n_train) with ``aggregate``), positive where z_i raises f(z); with ``k``,
+            ``KMostInfluentialResults(indices, influence_scores)``, each (n_test, k).
+        """
+        return super().influence(inputs, k, proponents, show_progress, aggregate)
+
     @keeps_model_state
-    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False, *, as_train: bool = False) -> torch.Tensor:
-        """psi(z) = [L_m^{-1} phi_m(z) / sqrt(M)]_m, (n, M k): ``influence(z)[:, i]`` equals
-        ``psi(z) . psi(z_i) * Q(z_i)``. With ``as_train=True`` each row is multiplied by its
-        example's mean out-to-loss weight Q, so that ``psi(z) @ psi_train(x).T`` are the scores of
-        the examples x as training examples for z. ``aggregate``: the rows summed, (1, M k)."""
+    def compute_intermediate_quantities(
+        self, inputs: Any, aggregate: bool = False, *, as_train: bool = False
+    ) -> torch.Tensor:
+        """psi(z) = [L_m^{-1} phi_m(z) / sqrt(M)]_m, with L_m the Cholesky factor of
+        Phi_m^T Phi_m + lambda_m I: ``influence(z)[:, i]`` equals ``psi(z) . psi(z_i) * Q(z_i)``.
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the examples, a batch ``(*model_inputs,
+                labels)`` or a dataset of such tuples.
+            aggregate (bool, optional): return the rows summed, (1, M k). Default: False.
+            as_train (bool, optional): multiply each row by its example's mean out-to-loss weight
+                Q, so that ``psi(z) @ psi_train(x).T`` are the scores of the examples x as
+                training examples for z. Default: False.
+
+        Returns:
+            Tensor: psi, (n, M k) with M checkpoints and k features each ((1, M k) with
+            ``aggregate``).
+        """
         psi, q = self._featurise_inputs(inputs)
         rows = psi * q[:, None] if as_train else psi
         return rows.sum(0, keepdim=True) if aggregate else rows
@@ -557,8 +656,21 @@ class TRAK(GradientFeatureInfluence):
     def self_influence(
         self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
     ) -> torch.Tensor:
-        """tau(z, z) = |psi(z)|^2 Q(z) for each example (the training set when ``inputs`` is None).
-        Checkpoints are always the outer loop (``outer_loop_by_checkpoints`` is Captum's choice)."""
+        """Each example's score for itself: tau(z, z) = |psi(z)|^2 Q(z).
+
+        Args:
+            inputs (tuple, Dataset or DataLoader, optional): the examples, a batch
+                ``(*model_inputs, labels)`` or a dataset of such tuples. Default: None, the
+                training set.
+            show_progress (bool, optional): tqdm bars over checkpoints and batches.
+                Default: False.
+            outer_loop_by_checkpoints (bool, optional): Captum's choice of loop order; here
+                checkpoints are always the outer loop, and the value changes nothing.
+                Default: False.
+
+        Returns:
+            Tensor: the self-influence scores, (n,).
+        """
         with self._progress(show_progress):
             scores = self._self_influence(inputs)
         check_scores(scores[:, None], "self_influence", "")

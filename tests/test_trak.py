@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from trak import TRAKer
 from trak.projectors import BasicProjector, NoOpProjector, ProjectionType
 
@@ -67,9 +67,17 @@ def digits_regression():
 
 def _traker(model, states, train_set, targets, tmp_path, projector, lambda_reg=0.0):
     xtr, ytr = train_set.tensors
-    traker = TRAKer(model=model, task="image_classification", train_set_size=len(ytr), save_dir=str(tmp_path),
-                    device="cpu", projector=projector, use_half_precision=False, lambda_reg=lambda_reg,
-                    logging_level=logging.ERROR)
+    traker = TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=len(ytr),
+        save_dir=str(tmp_path),
+        device="cpu",
+        projector=projector,
+        use_half_precision=False,
+        lambda_reg=lambda_reg,
+        logging_level=logging.ERROR,
+    )
     for m, state in enumerate(states):
         traker.load_checkpoint(state, model_id=m)
         for s in range(0, len(ytr), 100):
@@ -93,14 +101,16 @@ def _close(ours, reference, rtol):
 
 # --- parity with traker 0.3.2 --------------------------------------------------------------
 
+
 def test_equals_traker_with_exact_gradients_one_checkpoint(digits_regression, tmp_path):
     model, states, train_set, targets = digits_regression
     theirs = _traker(model, states[:1], train_set, targets, tmp_path, NoOpProjector(device="cpu"))
     ours = ci.TRAK(model, train_set, states[:1], projection_dim=None, damping=0.0).influence(targets)
     assert _pearson(ours, theirs) >= 0.9999
     # traker scales the inverse by 1 / mean|(X^T X)^{-1}| and the gradients by 1 / sqrt(#params)
-    scaled = ci.TRAK(model, train_set, states[:1], projection_dim=None, damping=0.0,
-                     inverse_scaling="mean_abs").influence(targets)
+    scaled = ci.TRAK(
+        model, train_set, states[:1], projection_dim=None, damping=0.0, inverse_scaling="mean_abs"
+    ).influence(targets)
     _close(scaled / 279, theirs, 2e-4)  # measured 3.5e-5: traker inverts in float32
     ratio = theirs.flatten() / ours.double().flatten()
     big = ours.abs().flatten() > 0.1 * ours.abs().max()
@@ -110,8 +120,9 @@ def test_equals_traker_with_exact_gradients_one_checkpoint(digits_regression, tm
 def test_ensemble_weighting_matches_traker_with_mean_abs_scaling(digits_regression, tmp_path):
     model, states, train_set, targets = digits_regression
     theirs = _traker(model, states, train_set, targets, tmp_path, NoOpProjector(device="cpu"))
-    ours = ci.TRAK(model, train_set, states, projection_dim=None, damping=0.0,
-                   inverse_scaling="mean_abs").influence(targets)
+    ours = ci.TRAK(model, train_set, states, projection_dim=None, damping=0.0, inverse_scaling="mean_abs").influence(
+        targets
+    )
     _close(ours / 279, theirs, 2e-4)
 
 
@@ -128,6 +139,7 @@ def test_rademacher_projection_correlates_with_traker(digits_regression, tmp_pat
 
 
 # --- the formula against an independent computation ----------------------------------------
+
 
 def _margin_grads(model, x, y):
     """Margin gradients and 1 - p_y, one autograd call per example (float64)."""
@@ -180,6 +192,7 @@ def _self_reference(model, states, x, y, damping):
 
 # --- consistency of the public results ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_mlp():
     torch.manual_seed(0)
@@ -219,8 +232,14 @@ def test_intermediate_quantities_give_the_scores(small_mlp):
 
 def test_same_seed_same_scores_for_any_batch_size(small_mlp):
     model, states, train_set, targets = small_mlp
-    runs = [ci.TRAK(model, train_set, states, projection_dim=64, seed=3, batch_size=b).influence(targets)
-            for b in (7, 64, 300)]
+    runs = [
+        ci.TRAK(model, train_set, states, projection_dim=64, seed=3, batch_size=b).influence(targets)
+        for b in (7, 64, 300)
+    ]
+    # A DataLoader keeps its own batches; the default batch_size then batches the queries only.
+    runs.append(
+        ci.TRAK(model, DataLoader(train_set, batch_size=50), states, projection_dim=64, seed=3).influence(targets)
+    )
     for other in runs[1:]:
         _close(other, runs[0], 1e-5)
     another_seed = ci.TRAK(model, train_set, states, projection_dim=64, seed=4).influence(targets)
@@ -261,6 +280,7 @@ def test_auto_projection_dim_follows_the_parameter_count(small_mlp):
 
 # --- numerics at scale -----------------------------------------------------------------------
 
+
 def test_50000_by_512_features_match_a_float64_solve():
     """The solve/score path on synthetic features with a wide dynamic range (traker's fp16 path
     overflows here): finite scores equal to a float64 reference to 1e-4."""
@@ -280,6 +300,7 @@ def test_50000_by_512_features_match_a_float64_solve():
 
 
 # --- the store ---------------------------------------------------------------------------------
+
 
 def test_store_resumes_after_a_crash_and_refuses_other_settings(small_mlp, tmp_path, monkeypatch):
     model, states, train_set, targets = small_mlp
@@ -320,6 +341,7 @@ def test_store_resumes_after_a_crash_and_refuses_other_settings(small_mlp, tmp_p
 
 # --- bad input -------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise_clear_errors(small_mlp):
     model, states, train_set, targets = small_mlp
     x, y = train_set.tensors
@@ -328,20 +350,33 @@ def test_bad_inputs_raise_clear_errors(small_mlp):
         ci.TRAK(model, train_set, [states[0], other]).influence(targets)
     with pytest.raises(ValueError, match="train_dataset: the dataset is empty"):
         ci.TRAK(model, TensorDataset(x[:0], y[:0]), states)
-    with pytest.raises(ValueError, match=r"train_dataset: the task's output fails on examples 64\.\.127 .*labels: "
-                       r"expected class indices in \[0, 4\) .*got \[9\] at positions \[6\] of the batch"):
-        ci.TRAK(model, TensorDataset(x, y.index_fill(0, torch.tensor([70]), 9)), states, batch_size=64).influence(targets)
+    with pytest.raises(
+        ValueError,
+        match=r"train_dataset: the task's output fails on examples 64\.\.127 .*labels: "
+        r"expected class indices in \[0, 4\) .*got \[9\] at positions \[6\] of the batch",
+    ):
+        ci.TRAK(model, TensorDataset(x, y.index_fill(0, torch.tensor([70]), 9)), states, batch_size=64).influence(
+            targets
+        )
     trak = ci.TRAK(model, train_set, states, projection_dim=32)
     bad = targets[1].clone()
     bad[[2, 5]] = torch.tensor([4, -1])
-    with pytest.raises(ValueError, match=r"inputs: the task's output fails on examples 0\.\.8 .*labels: .*\[0, 4\) "
-                       r".*got \[4, -1\] at positions \[2, 5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs: the task's output fails on examples 0\.\.8 .*labels: .*\[0, 4\) "
+        r".*got \[4, -1\] at positions \[2, 5\]",
+    ):
         trak.influence((targets[0], bad))
     with pytest.raises(ValueError, match=r"inputs: example shapes \[\(7,\)\] do not match .* \[\(8,\)\]"):
         trak.influence((targets[0][:, :7], targets[1]))
-    for kwargs, match in ((dict(damping=-1.0), "damping"), (dict(damping="big"), "damping"),
-                          (dict(projection_dim=0), "projection_dim"), (dict(seed=-1), "seed"),
-                          (dict(inverse_scaling="max"), "inverse_scaling"), (dict(layers="head"), "layers")):
+    for kwargs, match in (
+        (dict(damping=-1.0), "damping"),
+        (dict(damping="big"), "damping"),
+        (dict(projection_dim=0), "projection_dim"),
+        (dict(seed=-1), "seed"),
+        (dict(inverse_scaling="max"), "inverse_scaling"),
+        (dict(layers="head"), "layers"),
+    ):
         with pytest.raises(ValueError, match=match):
             ci.TRAK(model, train_set, states, **kwargs)
 
@@ -353,8 +388,11 @@ def test_unreadable_checkpoint_files_are_named(small_mlp, tmp_path):
     torch.save(states[0], truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
     torch.save([1, 2], listed)
-    for file, why in ((text, "cannot be read by torch.load"), (truncated, "cannot be read by torch.load"),
-                      (listed, "holds a list; expected a state dict")):
+    for file, why in (
+        (text, "cannot be read by torch.load"),
+        (truncated, "cannot be read by torch.load"),
+        (listed, "holds a list; expected a state dict"),
+    ):
         with pytest.raises(ValueError, match=f"checkpoints: .*{file.name}' {why}"):
             ci.TRAK(model, train_set, [file]).influence(targets)
 
@@ -412,11 +450,17 @@ def test_tensor_and_dict_batches_are_told_apart():
     as_tensors = ci.TRAK(model, TensorDataset(x, y), [model.state_dict()])
     as_dicts = ci.TRAK(model, DictDataset(x, y), [model.state_dict()])
     _close(as_dicts.influence(({"x": xq}, yq)), as_tensors.influence((xq, yq)), 1e-5)
-    with pytest.raises(ValueError, match=r"inputs: the batch forms differ: the training batches hold \(tensor \(8,\)\) "
-                       r"before the labels, these hold \(dict\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs: the batch forms differ: the training batches hold \(tensor \(8,\)\) "
+        r"before the labels, these hold \(dict\)",
+    ):
         as_tensors.influence(({"x": xq}, yq))
-    with pytest.raises(ValueError, match=r"inputs: the batch forms differ: the training batches hold \(dict\) "
-                       r"before the labels, these hold \(tensor \(8,\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs: the batch forms differ: the training batches hold \(dict\) "
+        r"before the labels, these hold \(tensor \(8,\)\)",
+    ):
         as_dicts.influence((xq, yq))
 
 

@@ -4,6 +4,7 @@ default batch size."""
 
 import pytest
 import torch
+from helpers import classification_q
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -11,7 +12,6 @@ import captum_influence as ci
 from captum_influence import trak as trak_module
 from captum_influence._backend import projector as projector_module
 from captum_influence._backend.layer_grads import LayerGrads, exact_by_construction
-from helpers import classification_q
 
 
 class Custom(nn.Module):
