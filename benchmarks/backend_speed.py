@@ -48,8 +48,13 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
 
 
@@ -57,8 +62,14 @@ def ours(model, batches, proj_dim, projection):
     """TRAK's featurisation step for each batch, its projector made (and its matrix generated) first."""
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    trak = ci.TRAK(model, TensorDataset(x, y), [model.state_dict()], projection_dim=proj_dim,
-                   projection=projection, batch_size=len(batches[0][1]))
+    trak = ci.TRAK(
+        model,
+        TensorDataset(x, y),
+        [model.state_dict()],
+        projection_dim=proj_dim,
+        projection=projection,
+        batch_size=len(batches[0][1]),
+    )
     projector = trak._projector(0)
     if projection == "dense":
         projector.matrix()
@@ -117,7 +128,10 @@ def main() -> None:
     digits = load_digits()
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
     y = torch.tensor(digits.target)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
     print(f"digits: {len(y)} examples, projection dim {args.proj_dim}, median of {args.repeats}, methods interleaved")
     print(f"{'model':<6} {'params':>8} {'ours ex/s':>10} {'traker ex/s':>12} {'ratio':>6}")
     against = []
@@ -129,19 +143,29 @@ def main() -> None:
         batches = [(x[s : s + batch].reshape(shape), y[s : s + batch]) for s in range(0, len(y), batch)]
         # Same numbers before timing: the gradients agree (projections differ only by their random matrices).
         g_ours = ci.per_example_grads(model, margin, batches[0])
-        g_trak = FunctionalGradientComputer(model, ImageClassificationModelOutput(), 1, torch.float32, "cpu").compute_per_sample_grad(batches[0])
+        g_trak = FunctionalGradientComputer(
+            model, ImageClassificationModelOutput(), 1, torch.float32, "cpu"
+        ).compute_per_sample_grad(batches[0])
         assert all(torch.allclose(g_ours[k], g_trak[k], atol=1e-5) for k in g_ours)
-        rates = interleaved({
-            "batched fwd+bwd": forward_backward(model, batches),
-            "ours dense": ours(model, batches, args.proj_dim, "dense"),
-            "ours factored": ours(model, batches, args.proj_dim, "factored"),
-            "traker BasicProjector": traker(model, batches, args.proj_dim),
-        }, len(y), args.repeats)
+        rates = interleaved(
+            {
+                "batched fwd+bwd": forward_backward(model, batches),
+                "ours dense": ours(model, batches, args.proj_dim, "dense"),
+                "ours factored": ours(model, batches, args.proj_dim, "factored"),
+                "traker BasicProjector": traker(model, batches, args.proj_dim),
+            },
+            len(y),
+            args.repeats,
+        )
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<6} {params:>8} {rates['ours dense']:>10.0f} {rates['traker BasicProjector']:>12.0f} "
-              f"{rates['ours dense'] / rates['traker BasicProjector']:>5.2f}x")
+        print(
+            f"{name:<6} {params:>8} {rates['ours dense']:>10.0f} {rates['traker BasicProjector']:>12.0f} "
+            f"{rates['ours dense'] / rates['traker BasicProjector']:>5.2f}x"
+        )
         against.append((name, batch, rates))
-    print(f"\nfeaturisation (per-example gradients + projection to {args.proj_dim}) against the batched forward+backward:")
+    print(
+        f"\nfeaturisation (per-example gradients + projection to {args.proj_dim}) against the batched forward+backward:"
+    )
     print(f"  {'model':<6} {'batch':>5} {'method':<22} {'ex/s':>10} {'vs fwd+bwd':>11}")
     for name, batch, rates in against:
         ref = rates["batched fwd+bwd"]

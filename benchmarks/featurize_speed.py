@@ -35,7 +35,6 @@ from captum_influence._backend import Projector, param_shapes, select_param_name
 from captum_influence._backend.factored_projection import FactoredProjector, factorable
 from captum_influence._backend.layer_grads import LayerGrads, projected_grads
 
-
 # --- models --------------------------------------------------------------------------------
 
 
@@ -162,12 +161,22 @@ def make_projector(setup: Setup, dtype: torch.dtype) -> Projector:
     grad_dim = sum(math.prod(s) for s in shapes.values())
     nbytes = grad_dim * setup.proj_dim * torch.finfo(dtype).bits // 8
     block_rows = 65536 if setup.device.type == "cuda" else 4096
-    proj = Projector(shapes, setup.proj_dim, seed=0, dtype=dtype, device=setup.device,
-                     block_rows=block_rows, cache_bytes=nbytes + 2**20)
+    proj = Projector(
+        shapes,
+        setup.proj_dim,
+        seed=0,
+        dtype=dtype,
+        device=setup.device,
+        block_rows=block_rows,
+        cache_bytes=nbytes + 2**20,
+    )
     start = time.perf_counter()
     proj.matrix() if nbytes < 2**28 else [proj.block(i) for i in range(math.ceil(grad_dim / block_rows))]
     sync(setup.device)
-    print(f"  projection matrix {grad_dim} x {setup.proj_dim} {str(dtype)[6:]}: generated in {time.perf_counter() - start:.1f} s")
+    print(
+        f"  projection matrix {grad_dim} x {setup.proj_dim} {str(dtype)[6:]}: "
+        f"generated in {time.perf_counter() - start:.1f} s"
+    )
     return proj
 
 
@@ -230,7 +239,9 @@ def run_traker(setup: Setup, results: dict) -> Optional[str]:
         try:
             import fast_jl  # noqa: F401
 
-            projector = CudaProjector(grad_dim, setup.proj_dim, 0, ProjectionType.rademacher, setup.device, max_batch_size=32)
+            projector = CudaProjector(
+                grad_dim, setup.proj_dim, 0, ProjectionType.rademacher, setup.device, max_batch_size=32
+            )
             kind = "CudaProjector (fast_jl)"
         except ImportError:
             pass
@@ -238,9 +249,17 @@ def run_traker(setup: Setup, results: dict) -> Optional[str]:
         projector = BasicProjector(grad_dim, setup.proj_dim, 0, ProjectionType.rademacher, setup.device)
     n = sum(len(b[-1]) for b in setup.batches) * 2
     with tempfile.TemporaryDirectory() as tmp:
-        traker = TRAKer(setup.model, "image_classification", n, save_dir=tmp, device=setup.device,
-                        projector=projector, proj_dim=setup.proj_dim, logging_level=40,
-                        use_half_precision=setup.device.type == "cuda")
+        traker = TRAKer(
+            setup.model,
+            "image_classification",
+            n,
+            save_dir=tmp,
+            device=setup.device,
+            projector=projector,
+            proj_dim=setup.proj_dim,
+            logging_level=40,
+            use_half_precision=setup.device.type == "cuda",
+        )
         traker.load_checkpoint(setup.model.state_dict(), model_id=0)
         results[f"traker {kind}"] = throughput(
             lambda b: traker.featurize(b, num_samples=len(b[-1])), setup.batches, setup.device
@@ -257,9 +276,14 @@ def run_captum(setup: Setup, results: dict) -> Optional[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/model.pt"
         torch.save(setup.model.state_dict(), path)
-        tracin = TracInCP(setup.model, torch.utils.data.TensorDataset(*setup.batches[0]), [path],
-                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True,
-                          batch_size=len(setup.batches[0][-1]))
+        tracin = TracInCP(
+            setup.model,
+            torch.utils.data.TensorDataset(*setup.batches[0]),
+            [path],
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            sample_wise_grads_per_batch=True,
+            batch_size=len(setup.batches[0][-1]),
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             covered = tracin.compute_intermediate_quantities(setup.batches[0]).shape[1]
@@ -275,8 +299,10 @@ def report(setup: Setup, results: dict, features: dict, notes: list) -> list[str
     ref = results["batched fwd+bwd"]
     n_params = sum(p.numel() for p in setup.model.parameters())
     batch = len(setup.batches[0][-1])
-    lines = [f"\n{setup.name}: {n_params / 1e6:.2f}M parameters, batch {batch}, projection {setup.proj_dim}, "
-             f"{len(setup.batches)} timed batches, {setup.device}"]
+    lines = [
+        f"\n{setup.name}: {n_params / 1e6:.2f}M parameters, batch {batch}, projection {setup.proj_dim}, "
+        f"{len(setup.batches)} timed batches, {setup.device}"
+    ]
     best_ours = max(v for k, v in results.items() if k.startswith("ours"))
     lines.append(f"  {'method':32s} {'examples/s':>11s} {'vs fwd+bwd':>11s} {'best ours vs it':>16s}")
     for label, value in results.items():
@@ -297,7 +323,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a CPU run of a minute or two")
     parser.add_argument("--batches", type=int, default=None, help="timed batches per method")
     parser.add_argument("--models", default="resnet9,transformer")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives steadier timings on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (1 gives steadier timings on a busy machine)"
+    )
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args()
     if args.threads:
@@ -320,15 +348,29 @@ def main() -> None:
     setups = []
     if "resnet9" in args.models:
         model = resnet9(width=width).to(device).eval()
-        data = [(torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device))
-                for _ in range(n_batches)]
+        data = [
+            (torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device))
+            for _ in range(n_batches)
+        ]
         setups.append(Setup("ResNet-9, 32x32 images", model, data, k, device))
     if "transformer" in args.models:
         model = TinyTransformer(**tsize).to(device).eval()
-        data = [(torch.randint(0, tsize["vocab"], (batch, tsize["length"]), device=device),
-                 torch.randint(0, 10, (batch,), device=device)) for _ in range(n_batches)]
-        setups.append(Setup(f"Transformer, {tsize['layers']} layers, width {tsize['dim']}, "
-                            f"{tsize['length']} tokens", model, data, k, device))
+        data = [
+            (
+                torch.randint(0, tsize["vocab"], (batch, tsize["length"]), device=device),
+                torch.randint(0, 10, (batch,), device=device),
+            )
+            for _ in range(n_batches)
+        ]
+        setups.append(
+            Setup(
+                f"Transformer, {tsize['layers']} layers, width {tsize['dim']}, {tsize['length']} tokens",
+                model,
+                data,
+                k,
+                device,
+            )
+        )
     for setup in setups:
         print(f"\n{setup.name}")
         results: dict = {}

@@ -95,8 +95,15 @@ def run_ours(model, states, train_set, targets):
 
 def run_traker(model, states, n_train, train_set, targets, **kwargs):
     with tempfile.TemporaryDirectory() as save_dir:
-        traker = TRAKer(model=model, task="image_classification", train_set_size=n_train,
-                        save_dir=save_dir, device="cpu", logging_level=logging.ERROR, **kwargs)
+        traker = TRAKer(
+            model=model,
+            task="image_classification",
+            train_set_size=n_train,
+            save_dir=save_dir,
+            device="cpu",
+            logging_level=logging.ERROR,
+            **kwargs,
+        )
         xtr, ytr = train_set.tensors
         for m, state in enumerate(states):
             traker.load_checkpoint(state, model_id=m)
@@ -114,8 +121,14 @@ def run_tracin(model, checkpoint_states, train_set, targets):
         m.load_state_dict(state)
         return 1e-2  # the learning rate
 
-    tracin = TracInCP(model, train_set, checkpoint_states, checkpoints_load_func=load,
-                      loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=100)
+    tracin = TracInCP(
+        model,
+        train_set,
+        checkpoint_states,
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=100,
+    )
     return tracin.influence(targets)
 
 
@@ -145,36 +158,64 @@ def main() -> None:
     ensemble = [{k: v.clone() for k, v in train(xtr, ytr, seed=s).state_dict().items()} for s in range(8)]
     trajectory = []
     every = EPOCHS // TRACIN_CHECKPOINTS
-    train(xtr, ytr, seed=0, on_epoch=lambda m, e: (e + 1) % every or trajectory.append(
-        {k: v.clone() for k, v in m.state_dict().items()}))
+    train(
+        xtr,
+        ytr,
+        seed=0,
+        on_epoch=lambda m, e: (e + 1) % every or trajectory.append({k: v.clone() for k, v in m.state_dict().items()}),
+    )
     model = mlp()
     params = sum(p.numel() for p in model.parameters())
-    print(f"digits: {n_train} training examples, {n_targets} targets, {n_subsets} models on random halves "
-          f"(MLP 64-{HIDDEN}-10, {params} parameters), trained in {time.perf_counter() - start:.0f} s")
-    print(f"ours 'auto' projection_dim here: {ci.TRAK(model, train_set, ensemble[:1]).projection_dim}; "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"digits: {n_train} training examples, {n_targets} targets, {n_subsets} models on random halves "
+        f"(MLP 64-{HIDDEN}-10, {params} parameters), trained in {time.perf_counter() - start:.0f} s"
+    )
+    print(
+        f"ours 'auto' projection_dim here: {ci.TRAK(model, train_set, ensemble[:1]).projection_dim}; "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
     results = {}
     for m in (1, 8):
-        results[f"ours {m}"] = evaluate(f"ours (defaults), {m} model{'s' * (m > 1)}",
-                                        lambda: run_ours(model, ensemble[:m], train_set, targets), masks, outputs)
-    results["traker default"] = evaluate("traker 0.3.2 (defaults: proj_dim 2048, fp16), 8 models",
-                                         lambda: run_traker(model, ensemble, n_train, train_set, targets), masks, outputs)
+        results[f"ours {m}"] = evaluate(
+            f"ours (defaults), {m} model{'s' * (m > 1)}",
+            lambda: run_ours(model, ensemble[:m], train_set, targets),
+            masks,
+            outputs,
+        )
+    results["traker default"] = evaluate(
+        "traker 0.3.2 (defaults: proj_dim 2048, fp16), 8 models",
+        lambda: run_traker(model, ensemble, n_train, train_set, targets),
+        masks,
+        outputs,
+    )
     best = {}
     for m in (1, 8):
         swept = {}
         for k in sweep:
-            swept[k] = evaluate(f"traker 0.3.2 proj_dim {k}, fp32, {m} model{'s' * (m > 1)}",
-                                lambda: run_traker(model, ensemble[:m], n_train, train_set, targets,
-                                                   proj_dim=k, use_half_precision=False), masks, outputs)
+            swept[k] = evaluate(
+                f"traker 0.3.2 proj_dim {k}, fp32, {m} model{'s' * (m > 1)}",
+                lambda: run_traker(
+                    model, ensemble[:m], n_train, train_set, targets, proj_dim=k, use_half_precision=False
+                ),
+                masks,
+                outputs,
+            )
         best[m] = max(swept, key=lambda k: np.nan_to_num(swept[k], nan=-np.inf))
         results[f"traker best {m}"] = swept[best[m]]
-    results["tracin"] = evaluate(f"Captum TracInCP, {TRACIN_CHECKPOINTS} checkpoints of one run",
-                                 lambda: run_tracin(model, trajectory, train_set, targets), masks, outputs)
+    results["tracin"] = evaluate(
+        f"Captum TracInCP, {TRACIN_CHECKPOINTS} checkpoints of one run",
+        lambda: run_tracin(model, trajectory, train_set, targets),
+        masks,
+        outputs,
+    )
     for m in (1, 8):
-        print(f"{m} model{'s' * (m > 1)}: traker's best over its sweep is proj_dim {best[m]}, LDS "
-              f"{results[f'traker best {m}']:.3f}; ours (defaults) - traker's best: "
-              f"{results[f'ours {m}'] - results[f'traker best {m}']:+.3f}")
+        print(
+            f"{m} model{'s' * (m > 1)}: traker's best over its sweep is proj_dim {best[m]}, LDS "
+            f"{results[f'traker best {m}']:.3f}; ours (defaults) - traker's best: "
+            f"{results[f'ours {m}'] - results[f'traker best {m}']:+.3f}"
+        )
+
 
 if __name__ == "__main__":
     main()
