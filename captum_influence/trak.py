@@ -204,37 +204,52 @@ class TRAK(GradientFeatureInfluence):
     m and Q_m = -dL/df (see the module docstring). Positive: z_i raises f(z).
 
     Args:
-        model: the network; ``model(*batch[:-1])`` gives its output.
-        train_dataset: Dataset or fixed-order DataLoader of ``(*inputs, labels)`` tuples.
-        checkpoints: a directory, paths or state dicts (the M models of the ensemble, weighted
-            equally: the weight returned by ``checkpoints_load_func`` is not used by TRAK).
-        checkpoints_load_func: ``(model, checkpoint) -> float`` loading in place.
-        task: a ``ModelOutput`` (instance, subclass or name, see ``captum_influence.tasks``).
-        projection_dim: int k, None (exact gradients, no projection), or "auto": exact gradients
-            for models with at most 4096 parameters (in ``layers``), where a projection would cost
-            more than it saves, else P / 16 rounded down to a power of two in [512, 2048] (2048 from
-            32,768 parameters). On small models the LDS bought per second is the same at any k, so
-            the default starts cheap: add checkpoints for a higher LDS (benchmarks/lds_time.py).
-        projection: "dense" (one random matrix over all parameters) or "factored": each Linear and
-            Conv layer's input and output gradient are projected separately and their outer
-            product kept (as LoGra does), about sqrt(P k) work per layer instead of P k, so that
-            large models can be projected; the other parameters are projected densely.
-        damping: lambda >= 0, or "auto": per checkpoint, trace(G_m) / n_train (the mean squared
-            feature norm), which keeps the solve well posed when k >= n_train, where G_m is singular.
-        layers: parameter names, module paths or modules to differentiate (default: all trainable).
-        batch_size: examples per gradient batch; None picks it from the model's size (2^24 floats
-            over the largest layer's parameter count, a power of two in [64, 1024]).
-        store_dir: directory for the features, factors and keys (memory-mapped); a killed run
-            resumes there, and a store made with other settings is refused. Under
-            ``torch.distributed`` (torchrun) each rank featurises its shard of the training
-            batches into this directory, which all ranks must share, and scores are gathered.
-        device: where gradients are computed (default: the model's).
-        seed: projection seed; checkpoint m uses an independent projection derived from (seed, m).
-        show_progress: tqdm bars over checkpoints and batches.
-        inverse_scaling: "none" (the paper) or "mean_abs": divide each (G_m + lambda I)^{-1} by
-            the mean absolute value of its entries before averaging, as the reference library does.
-        timeout: under ``torch.distributed``, the longest wait (seconds) for the other ranks at a
-            collective; then a TimeoutError names the ranks that did not answer.
+        model (nn.Module): the network; ``model(*batch[:-1])`` gives its output.
+        train_dataset (Dataset or DataLoader): a Dataset or fixed-order DataLoader of
+            ``(*inputs, labels)`` tuples.
+        checkpoints (str, list of str or list of dict): a directory, paths or state dicts (the
+            M models of the ensemble, weighted equally: the weight returned by
+            ``checkpoints_load_func`` is not used by TRAK).
+        checkpoints_load_func (callable, optional): ``(model, checkpoint) -> float`` loading in
+            place. Default: load a state dict.
+        task (ModelOutput, type or str, optional): the model output function f and its Q (an
+            instance, subclass or name, see ``captum_influence.tasks``). Default: "classification".
+        projection_dim (int, str or None, optional): int k, None (exact gradients, no
+            projection), or "auto": exact gradients for models with at most 4096 parameters (in
+            ``layers``), where a projection would cost more than it saves, else P / 16 rounded
+            down to a power of two in [512, 2048] (2048 from 32,768 parameters). On small models
+            the LDS bought per second is the same at any k, so the default starts cheap: add
+            checkpoints for a higher LDS (benchmarks/lds_time.py). Default: "auto".
+        projection (str, optional): "dense" (one random matrix over all parameters) or
+            "factored": each Linear and Conv layer's input and output gradient are projected
+            separately and their outer product kept (as LoGra does), about sqrt(P k) work per
+            layer instead of P k, so that large models can be projected; the other parameters
+            are projected densely. Default: "dense".
+        damping (float or str, optional): lambda >= 0, or "auto": per checkpoint,
+            trace(G_m) / n_train (the mean squared feature norm), which keeps the solve well
+            posed when k >= n_train, where G_m is singular. Default: "auto".
+        layers (list of str or nn.Module, optional): parameter names, module paths or modules to
+            differentiate. Default: every trainable parameter.
+        batch_size (int, optional): examples per gradient batch; None picks it from the model's
+            size (2^24 floats over the largest layer's parameter count, a power of two in
+            [64, 1024]). A DataLoader keeps its own batches; batch_size then batches the
+            queries. Default: None.
+        store_dir (str or PathLike, optional): directory for the features, factors and keys
+            (memory-mapped); a killed run resumes there, and a store made with other settings is
+            refused. Under ``torch.distributed`` (torchrun) each rank featurises its shard of the
+            training batches into this directory, which all ranks must share, and scores are
+            gathered. Default: None (in memory).
+        device (str or torch.device, optional): where gradients are computed. Default: the
+            model's.
+        seed (int, optional): projection seed; checkpoint m uses an independent projection
+            derived from (seed, m). Default: 0.
+        show_progress (bool, optional): tqdm bars over checkpoints and batches. Default: False.
+        inverse_scaling (str, optional): "none" (the paper) or "mean_abs": divide each
+            (G_m + lambda I)^{-1} by the mean absolute value of its entries before averaging, as
+            the reference library does. Default: "none".
+        timeout (float, optional): under ``torch.distributed``, the longest wait (seconds) for
+            the other ranks at a collective; then a TimeoutError names the ranks that did not
+            answer. Default: None (the process group's timeout).
 
     Example::
 
