@@ -19,7 +19,6 @@ from captum.influence import DataInfluence
 from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, fill_rows_sharded, scores_sharded, topk_sharded
 from ._backend.model_checks import preserved_modes
@@ -27,6 +26,7 @@ from ._backend.sharding import collective_timeout
 from ._backend.solve import as_tensor_block
 from ._checkpoints import LoadFunc, load_checkpoint, resolve_checkpoints
 from ._data import as_loader, check_labelled, iter_batches, split_batch, to_device
+from ._progress import progress
 
 Features = Union[torch.Tensor, np.ndarray]
 
@@ -152,13 +152,12 @@ class GradientFeatureInfluence(DataInfluence):
         """Load each checkpoint once, in order, yielding ``(index, weight)``, the model in eval mode
         (public methods restore the caller's model afterwards: :func:`keeps_model_state`)."""
         self.model.to(self.device)
-        bar = tqdm(total=len(self.checkpoints), desc=desc, disable=not self.show_progress, leave=False)
+        bar = progress(total=len(self.checkpoints), desc=desc, show=self.show_progress, inner=False, unit="checkpoint")
         for index in range(len(self.checkpoints)):
             weight = load_checkpoint(self.model, self.checkpoints[index], self.checkpoints_load_func, index)
             self.model.eval()
             yield index, weight
             bar.update()
-        bar.refresh()  # the bar is cleared on close: show its final state once
         bar.close()
 
     def _test_batches(self, inputs: Any) -> tuple[list[tuple[int, tuple]], int]:

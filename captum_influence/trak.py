@@ -28,7 +28,6 @@ import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ._backend import (
     FeatureStore,
@@ -47,6 +46,7 @@ from ._backend.solve import Features, as_tensor_block
 from ._backend.store import data_fingerprint, file_digest, model_fingerprint
 from ._checkpoints import LoadFunc
 from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
+from ._progress import progress
 from .tasks import ClassificationOutput, ModelOutput, RegressionOutput, get_task
 
 # "auto" damping: lambda = _AUTO_DAMPING * trace(G) / n_train, the mean squared norm of the features
@@ -594,9 +594,7 @@ class TRAK(GradientFeatureInfluence):
         q_sum = torch.zeros(n, dtype=torch.float64)
 
         def featurise(index: int, projector: Any, solve: _Solve) -> None:
-            for start, batch in tqdm(
-                batches, desc=f"checkpoint {index}: inputs", disable=not self.show_progress, leave=False
-            ):
+            for start, batch in progress(batches, desc=f"checkpoint {index}: inputs", show=self.show_progress):
                 rows = self._grads_and_q(projector, start, batch, index, "inputs")
                 stop = start + rows.shape[0]
                 psi[start:stop, index * k : (index + 1) * k] = solve.whiten(rows[:, :k]).float().cpu()

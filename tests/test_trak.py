@@ -1,6 +1,8 @@
 """TRAK against traker 0.3.2, a loop of single-example autograd calls and float64 solves."""
 
+import io
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -495,11 +497,22 @@ def test_layers_restrict_the_gradient(small_mlp):
     _close(head.influence(targets), bracket * q_mean, 1e-5)
 
 
-def test_progress_bars(small_mlp, capsys):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars(small_mlp, monkeypatch):
     model, states, train_set, targets = small_mlp
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     ci.TRAK(model, train_set, states, projection_dim=16, show_progress=True).influence(targets)
-    err = capsys.readouterr().err
+    err = terminal.getvalue()
     assert "TRAK: checkpoints" in err and "checkpoint 1: training set" in err and "checkpoint 1: inputs" in err
+    log = io.StringIO()  # not a terminal (a log file, a pipe): nothing drawn
+    monkeypatch.setattr(sys, "stderr", log)
+    ci.TRAK(model, train_set, states, projection_dim=16, show_progress=True).influence(targets)
+    assert log.getvalue() == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .._progress import progress
 
 try:
     import fcntl
@@ -499,7 +500,7 @@ def fill_rows(
         done = store.flags(name, n_batches)
         sums = store.array(f"{name}.sums", (n_batches, 3), np.uint64)
         _recheck_batches(mapped, done, sums, indices, store, name)
-    bar = tqdm(total=len(indices), desc=desc, disable=not show_progress, leave=False)
+    bar = progress(total=len(indices), desc=desc, show=show_progress)
     for index, (start, batch) in zip(indices, batches):
         if store is not None and done[index]:
             bar.update()
@@ -518,7 +519,6 @@ def fill_rows(
             done[index] = 1
             done.flush()
         bar.update()
-    bar.refresh()  # the bar is cleared on close: show its final state once
     bar.close()
     if store is None:
         return tensor
