@@ -491,7 +491,18 @@ class _TracInBase(GradientFeatureInfluence):
     def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> torch.Tensor:
         """Stacked gradients v(z) = [sqrt(eta_c) g_c(z)]_c of the test loss, (n, C * d), whose dot
         products are the scores (the gradients in parameter order, factored layers first;
-        projected ones last); ``aggregate``: their sum over the examples, (1, C * d)."""
+        projected ones last); ``aggregate``: their sum over the examples, (1, C * d).
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the examples, a batch ``(*model_inputs,
+                labels)`` or a dataset of such tuples.
+            aggregate (bool, optional): return the sum of the vectors over the examples.
+                Default: False.
+
+        Returns:
+            Tensor: the vectors (n, C * d), with d the explicit (flattened, maybe projected)
+            gradient width of one checkpoint; (1, C * d) with ``aggregate``.
+        """
         vectors = self._test_features(inputs, explicit=True)
         return vectors.sum(0, keepdim=True) if aggregate else vectors
 
@@ -588,7 +599,20 @@ class _TracInBase(GradientFeatureInfluence):
     ) -> torch.Tensor:
         """sum_c eta_c ||g_c(z)||^2 of the training loss for every example of ``inputs`` (the
         training set when None): Tensor[n]. Checkpoints are always the outer loop here (each loaded
-        once), so ``outer_loop_by_checkpoints`` (Captum's choice of loop order) changes nothing."""
+        once), so ``outer_loop_by_checkpoints`` (Captum's choice of loop order) changes nothing.
+
+        Args:
+            inputs (tuple, Dataset or DataLoader, optional): the examples, a batch
+                ``(*model_inputs, labels)`` or a dataset of such tuples. Default: None (the
+                training set, whose rows are then kept).
+            show_progress (bool, optional): tqdm bars over checkpoints and batches.
+                Default: False.
+            outer_loop_by_checkpoints (bool, optional): accepted for Captum's signature; changes
+                nothing. Default: False.
+
+        Returns:
+            Tensor: the self-influence scores (n,), in the model's floating dtype.
+        """
         with self._progress(show_progress):
             scores = self._self_influence(inputs)
         check_scores(scores[:, None], "self_influence", "")
@@ -653,6 +677,40 @@ class TracInCP(_TracInBase):
     nothing. Unlike Captum, bad input raises ``ValueError``/``TypeError`` (not ``AssertionError``),
     and no NaN comes out: a NaN or inf gradient raises with the example indices and the argument
     (``train_dataset`` or ``inputs``), a checkpoint with NaN or inf weights raises with its index.
+
+    Args:
+        model (nn.Module): the network; ``model(*batch[:-1])`` gives its output.
+        train_dataset (Dataset or DataLoader): a Dataset or fixed-order DataLoader of
+            ``(*inputs, labels)`` tuples.
+        checkpoints (str, list of str or list of dict): a directory (its files in natural order), a
+            path, a list of paths or state dicts: the checkpoints c = 1..C.
+        checkpoints_load_func (callable, optional): ``(model, checkpoint) -> float`` loading the
+            checkpoint in place and returning its weight eta_c (the learning rate), which must be
+            finite and non-negative. Default: load a state dict (also under "state_dict" or
+            "model_state_dict"), weight 1.0.
+        loss_fn (callable, optional): a loss module with reduction "none", "sum" or "mean", or a
+            callable ``loss(outputs, labels)``; each example's gradient is that of its own loss.
+            Default: None (``nn.CrossEntropyLoss(reduction="none")`` on the logits).
+        layers (list of str or nn.Module, optional): parameter names, module paths or modules
+            whose parameters are differentiated. Default: None (every trainable parameter).
+        batch_size (int, optional): examples per gradient batch (a DataLoader keeps its own
+            batches). Default: 64.
+        test_loss_fn (callable, optional): the loss of the test side of ``influence`` and of
+            ``compute_intermediate_quantities``, in the same forms as ``loss_fn``. Default: None
+            (``loss_fn``).
+        sample_wise_grads_per_batch (bool, optional): Captum's choice of per-example gradient
+            path; accepted (a bool) and changes nothing. Default: False.
+        projection_dim (int, str or None, optional): int k (project every checkpoint's explicit
+            gradients with a seeded random Projector to k dimensions; a k larger than the gradient
+            warns and keeps exact gradients), "auto" (project only when the explicit gradients
+            exceed 8192 dimensions, to 4096) or None (exact). Default: None.
+        device (str or torch.device, optional): where gradients are computed. Default: the
+            model's.
+        show_progress (bool, optional): tqdm bars over checkpoints and batches. Default: False.
+        seed (int, optional): the projection's seed. Default: 0.
+        timeout (float, optional): under ``torch.distributed``, the longest wait (seconds) for
+            the other ranks at a collective; then a TimeoutError names the ranks that did not
+            answer. Default: None (the process group's timeout).
 
     Example::
 
@@ -740,6 +798,39 @@ class TracInCPFast(_TracInBase):
     The gradients use the weight's actual shape (also after ``fc.weight.data`` was replaced).
     ``test_loss_fn`` as in :class:`TracInCP`; Captum's ``vectorize`` (its Jacobian option) is
     accepted and changes nothing.
+
+    Args:
+        model (nn.Module): the network; ``model(*batch[:-1])`` gives its output.
+        final_fc_layer (nn.Module or str): an ``nn.Linear`` of ``model``, or its module path.
+        train_dataset (Dataset or DataLoader): a Dataset or fixed-order DataLoader of
+            ``(*inputs, labels)`` tuples.
+        checkpoints (str, list of str or list of dict): a directory (its files in natural order), a
+            path, a list of paths or state dicts: the checkpoints c = 1..C.
+        checkpoints_load_func (callable, optional): ``(model, checkpoint) -> float`` loading the
+            checkpoint in place and returning its weight eta_c (the learning rate), which must be
+            finite and non-negative. Default: load a state dict (also under "state_dict" or
+            "model_state_dict"), weight 1.0.
+        loss_fn (callable, optional): a loss module with reduction "none", "sum" or "mean", or a
+            callable ``loss(outputs, labels)``; each example's gradient is that of its own loss.
+            Default: None (``nn.CrossEntropyLoss(reduction="none")`` on the logits).
+        batch_size (int, optional): examples per gradient batch (a DataLoader keeps its own
+            batches). Default: 64.
+        test_loss_fn (callable, optional): the loss of the test side of ``influence`` and of
+            ``compute_intermediate_quantities``, in the same forms as ``loss_fn``. Default: None
+            (``loss_fn``).
+        vectorize (bool, optional): Captum's Jacobian option; accepted (a bool) and changes
+            nothing. Default: False.
+        projection_dim (int, str or None, optional): int k (project every checkpoint's explicit
+            gradients with a seeded random Projector to k dimensions; a k larger than the gradient
+            warns and keeps exact gradients), "auto" (project only when the explicit gradients
+            exceed 8192 dimensions, to 4096) or None (exact). Default: None.
+        device (str or torch.device, optional): where gradients are computed. Default: the
+            model's.
+        show_progress (bool, optional): tqdm bars over checkpoints and batches. Default: False.
+        seed (int, optional): the projection's seed. Default: 0.
+        timeout (float, optional): under ``torch.distributed``, the longest wait (seconds) for
+            the other ranks at a collective; then a TimeoutError names the ranks that did not
+            answer. Default: None (the process group's timeout).
 
     Example::
 
