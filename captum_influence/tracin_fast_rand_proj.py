@@ -43,6 +43,41 @@ class TracInCPFastRandProj(TracInCPFast):
     projects the layer's inputs and output gradients separately to int(sqrt(projection_dim))
     each, so its vectors are shorter (and its projected scores use other random matrices).
 
+    Args:
+        model (nn.Module): the network; ``model(*batch[:-1])`` gives its output.
+        final_fc_layer (nn.Module or str): an ``nn.Linear`` of ``model``, or its module path.
+        train_dataset (Dataset or DataLoader): a Dataset or fixed-order DataLoader of
+            ``(*inputs, labels)`` tuples.
+        checkpoints (str, list of str or list of dict): a directory (its files in natural order), a
+            path, a list of paths or state dicts: the checkpoints c = 1..C.
+        checkpoints_load_func (callable, optional): ``(model, checkpoint) -> float`` loading the
+            checkpoint in place and returning its weight eta_c (the learning rate), which must be
+            finite and non-negative. Default: load a state dict, weight 1.0.
+        loss_fn (callable, optional): a loss module with reduction "none", "sum" or "mean", or a
+            callable ``loss(outputs, labels)``; each example's gradient is that of its own loss.
+            Default: None (``nn.CrossEntropyLoss(reduction="none")`` on the logits).
+        batch_size (int, optional): examples per gradient batch (a DataLoader keeps its own
+            batches). Default: 64.
+        test_loss_fn (callable, optional): the loss of the test side of ``influence`` and of
+            ``compute_intermediate_quantities``, in the same forms as ``loss_fn``. Default: None
+            (``loss_fn``).
+        vectorize (bool, optional): Captum's Jacobian option; accepted (a bool) and changes
+            nothing. Default: False.
+        nearest_neighbors (object, optional): an index with ``setup(data)`` and
+            ``get_nearest_neighbors(query, k) -> (indices, scores)`` searched by dot product
+            (Captum's ``NearestNeighbors``); otherwise a TypeError. Default: None (the exact
+            blockwise top-k).
+        projection_dim (int, optional): a positive int k, the width of each checkpoint's projected
+            gradient (a k larger than the gradient warns and keeps exact gradients), or None
+            (exact gradients). Default: None.
+        seed (int, optional): the projection's seed. Default: 0.
+        device (str or torch.device, optional): where gradients are computed. Default: the
+            model's.
+        show_progress (bool, optional): tqdm bars over checkpoints and batches. Default: False.
+        timeout (float, optional): under ``torch.distributed``, the longest wait (seconds) for
+            the other ranks at a collective; then a TimeoutError names the ranks that did not
+            answer. Default: None (the process group's timeout).
+
     Example::
 
         >>> tracin = TracInCPFastRandProj(model, model.fc, train_set, checkpoints, load_with_lr,
@@ -109,7 +144,30 @@ class TracInCPFastRandProj(TracInCPFast):
         aggregate: bool = False,
     ) -> Union[torch.Tensor, KMostInfluentialResults]:
         """Top-k proponents (or opponents) per test example (``k=5`` as in Captum), or every score
-        with ``k=None``; from ``nearest_neighbors`` when one was given, else exactly."""
+        with ``k=None``; from ``nearest_neighbors`` when one was given, else exactly.
+
+        TracIn(z, z') = sum_c eta_c <g_c(z), g_c(z')> of the final layer (test loss for z, training
+        loss for z'), on the projected vectors when ``projection_dim`` is set. The index, when
+        given, is set up with the training vectors on the first top-k call and kept; it is not
+        used with ``k=None`` or ``aggregate``.
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the test examples, a batch ``(*model_inputs,
+                labels)`` or a dataset of such tuples.
+            k (int, optional): the number of training examples per test example, clamped to
+                n_train; None: every score. Default: 5.
+            proponents (bool, optional): with ``k``, the highest scores (True) or the lowest,
+                the opponents (False). Default: True.
+            show_progress (bool, optional): tqdm bars over checkpoints and batches.
+                Default: False.
+            aggregate (bool, optional): score the sum of the test examples' losses instead of
+                each test example (always exact). Default: False.
+
+        Returns:
+            Tensor or KMostInfluentialResults: with ``k=None``, the scores (n_test, n_train)
+            ((1, n_train) with ``aggregate``), positive where the training example helps; with
+            ``k``, ``KMostInfluentialResults(indices, influence_scores)``, each (n_test, k).
+        """
         if self.nearest_neighbors is None or k is None or aggregate:
             return super().influence(inputs, k, proponents, show_progress, aggregate)
         k = self._clamp_k(k)
