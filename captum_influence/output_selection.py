@@ -150,6 +150,21 @@ class Finding:
     ``where``: the module path for a module, else ``file:line`` of the call; ``line``: where it was
     called from in the model's code; ``dim``: the softmax dimension; ``max_subtracted``: its input
     is ``x - max(x)``; ``is_output``: its result is what ``forward`` returns.
+
+    Args:
+        name (str): the function's name, such as "softmax", "log_softmax", "sigmoid" or "max".
+        kind (str): "module" (a ``torch.nn`` activation module) or "functional" (a call inside
+            ``forward``).
+        where (str): the module path for a module ("<model>" for the model itself), else
+            ``file:line`` of the call.
+        hooks_can_see (bool): whether module hooks (DeepLift and other hook-based methods) see
+            it: true for modules, false for functional calls.
+        line (str, optional): ``file:line`` in the model's code it was called from.
+            Default: "".
+        module_type (str, optional): the module's class name for a module. Default: None.
+        dim (int, optional): the softmax dimension. Default: None.
+        max_subtracted (bool, optional): its input is ``x - max(x)``. Default: False.
+        is_output (bool, optional): its result is what ``forward`` returns. Default: False.
     """
 
     name: str
@@ -521,6 +536,20 @@ def select_output(model: nn.Module, output: str = "logits", *, example_inputs: A
     dict of keyword arguments such as a tokenizer's encoding) runs one pass now, so that a model
     that cannot be handled fails here rather than at the first call.
 
+    Args:
+        model (nn.Module): the classifier; it returns a tensor, or a dict / output object with a
+            ``logits`` tensor.
+        output (str, optional): the output space, "logits", "probs", "log_probs" or "margin"
+            (see above); otherwise a ValueError. Default: "logits".
+        example_inputs (Tensor, tuple or dict, optional): forward's arguments for one check pass
+            now (without gradients): a tensor, a tuple of positional arguments or a dict of
+            keyword arguments. Default: None (no pass).
+
+    Returns:
+        nn.Module: a module holding ``model`` (its parameters shared, not copied) whose forward
+        takes ``model``'s arguments and returns the chosen output, of the logits' shape (over
+        classes, "probs", "log_probs" and "margin" need logits of shape (batch, classes)).
+
     Example::
 
         >>> ig = captum.attr.IntegratedGradients(ci.select_output(model, "logits"))
@@ -550,6 +579,16 @@ def find_output_nonlinearities(model: nn.Module, *example_inputs: Any, **example
     last torch call that takes one of the model's parameters, or when forward returns its result.
     ``hooks_can_see`` is true for ``torch.nn`` activation modules (what DeepLift and other
     hook-based methods rewrite) and false for functions called inside ``forward``.
+
+    Args:
+        model (nn.Module): the model to run.
+        *example_inputs (Any): forward's positional arguments, for example one batch of its data.
+        **example_kwargs (Any): forward's keyword arguments (such as a tokenizer's encoding). At
+            least one positional or keyword argument is required; a forward that fails on them
+            raises a ValueError.
+
+    Returns:
+        list of Finding: the nonlinearities found, in call order; empty when there are none.
 
     Example::
 
