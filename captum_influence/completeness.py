@@ -44,7 +44,15 @@ class CompletenessWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Suspect:
-    """A likely cause of a completeness failure: ``kind`` (a short code), ``reason`` and a suggested ``fix``."""
+    """A likely cause of a completeness failure: ``kind`` (a short code), ``reason`` and a suggested ``fix``.
+
+    Args:
+        kind (str): the cause's code: "training_mode", "nondeterministic", "max_in_forward",
+            "functional_nonlinearity", "nonelementwise_module", "unsupported_module",
+            "too_few_steps", "not_integrable", "sampling" or "unexplained".
+        reason (str): what was found, in a sentence.
+        fix (str): what to change to remove it.
+    """
 
     kind: str
     reason: str
@@ -59,7 +67,21 @@ class CompletenessReport:
     """Completeness per example: ``delta = sum(attributions) - output_change``, ``output_change = F(x) - F(x')``.
 
     ``relative_error = |delta| / |output_change|``; ``passed`` when |delta| <= rtol * |output_change| + atol
-    for every example; ``suspects`` lists the likely causes of a failure (empty when passed)."""
+    for every example; ``suspects`` lists the likely causes of a failure (empty when passed).
+
+    Args:
+        delta (Tensor): sum(attributions) - output_change per example, (n,), float64.
+        relative_error (Tensor): |delta| / |output_change| per example, (n,): 0 where both are
+            0, inf where only the output change is.
+        passed (bool): |delta| <= rtol * |output_change| + atol for every example.
+        suspects (list of Suspect): the likely causes of a failure; empty when passed.
+        output_change (Tensor): F(x) - F(x') per example, (n,), float64 (F(x') the mean over
+            the baselines for a Shap method).
+        rtol (float): the relative tolerance used.
+        atol (float): the absolute tolerance used.
+        failing (list of int, optional): the indices of the examples outside the tolerance.
+            Default: [].
+    """
 
     delta: torch.Tensor
     relative_error: torch.Tensor
@@ -454,7 +476,31 @@ def check_completeness(
     ``attribute_kwargs`` go to its ``attribute`` (n_steps, attribute_to_layer_input, ...). F(x) and
     F(x') are the method's forward function on the inputs and baselines, not the method's own
     delta. Passes when |delta| <= rtol * |F(x) - F(x')| + atol for every example; otherwise
-    ``suspects`` names the likely causes, each with a fix."""
+    ``suspects`` names the likely causes, each with a fix.
+
+    Args:
+        method (Attribution): a Captum attribution object with a convergence delta, built with
+            ``multiply_by_inputs=True``; otherwise a TypeError or ValueError.
+        inputs (Tensor or tuple of Tensor): the inputs x, batch first, as ``method.attribute``
+            takes them.
+        baselines (Tensor, number, tuple or callable, optional): the baselines x', as
+            ``method.attribute`` takes them (a callable is called once, with ``inputs`` when it
+            takes arguments); for DeepLiftShap and GradientShap a distribution, one tensor
+            (m, *example shape) per input, over which F(x') is averaged. Default: None (zeros).
+        target (int, tuple, Tensor or list, optional): the output index per example, as in
+            Captum. Default: None (the output is a scalar per example).
+        additional_forward_args (Any, optional): further arguments of the forward function, as
+            in Captum. Default: None.
+        rtol (float, optional): relative tolerance, >= 0. Default: 1e-2.
+        atol (float, optional): absolute tolerance, >= 0. Default: 1e-6.
+        **attribute_kwargs (Any): further arguments of ``method.attribute`` (``n_steps``,
+            ``n_samples`` and ``internal_batch_size`` must be positive ints, or ``n_steps="auto"``
+            for ``ci.IntegratedGradients``); not ``return_convergence_delta``.
+
+    Returns:
+        CompletenessReport: delta, relative error and output change per example, whether every
+        example passed, the failing examples and the suspects (empty when passed).
+    """
     _check_method(method)
     for arg, value, low in (("rtol", rtol, 0.0), ("atol", atol, 0.0)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
