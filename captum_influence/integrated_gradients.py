@@ -51,7 +51,24 @@ class Convergence:
     |delta| <= rtol * |F(x) - F(x')| + atol (rtol is ``completeness_rtol``, 1e-3 when not given). With
     ``n_steps="auto"``, ``pieces`` counts the smooth pieces each path was cut into, ``forward_evaluations``
     the forward-mode evaluations that placed the nodes, and ``causes`` maps each example that missed the
-    tolerance to the reason found."""
+    tolerance to the reason found.
+
+    Args:
+        n_steps (Tensor): gradient evaluations (quadrature nodes) per example, (n,).
+        delta (Tensor): sum(attributions) - output_change per example, (n,), float64.
+        output_change (Tensor): F(x) - F(x') per example, (n,).
+        relative_error (Tensor): |delta| / |output_change| per example, (n,): 0 where both are
+            0, inf where only the output change is.
+        converged (Tensor): bool per example, (n,): |delta| <= rtol * |output_change| + atol.
+        rtol (float): the relative tolerance used.
+        atol (float): the absolute tolerance used.
+        pieces (Tensor, optional): with ``n_steps="auto"``, the smooth pieces per example, (n,).
+            Default: None.
+        forward_evaluations (Tensor, optional): with ``n_steps="auto"``, the forward-mode
+            evaluations that placed the nodes. Default: None.
+        causes (dict, optional): example index -> the reason it missed the tolerance.
+            Default: {}.
+    """
 
     n_steps: torch.Tensor
     delta: torch.Tensor
@@ -66,7 +83,11 @@ class Convergence:
 
     @property
     def not_converged(self) -> list[int]:
-        """Indices of the examples that miss the tolerance."""
+        """Indices of the examples that miss the tolerance.
+
+        Returns:
+            list of int: the indices where ``converged`` is False, in increasing order.
+        """
         return (~self.converged).nonzero().flatten().tolist()
 
 
@@ -296,14 +317,32 @@ class _PathIntegral:
         return (result, self.convergence.delta.to(path.end[0].dtype)) if return_convergence_delta else result
 
     def has_convergence_delta(self) -> bool:
+        """Whether ``attribute`` can return a convergence delta, as in Captum.
+
+        Returns:
+            bool: True.
+        """
         return True
 
     def attribute_future(self, *args: Any, **kwargs: Any) -> Any:
-        """Not implemented, as in Captum: attributions are computed synchronously."""
+        """Not implemented, as in Captum: attributions are computed synchronously.
+
+        Args:
+            *args (Any): ignored.
+            **kwargs (Any): ignored.
+
+        Returns:
+            Nothing: it always raises NotImplementedError; use ``attribute``.
+        """
         raise NotImplementedError(f"{type(self).__name__}.attribute_future is not implemented; use attribute.")
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the path integrals are multiplied by (x - x') (global attributions), as in Captum.
+
+        Returns:
+            bool: the constructor's ``multiply_by_inputs``.
+        """
         return self._multiply_by_inputs
 
 
@@ -312,7 +351,15 @@ class IntegratedGradients(_PathIntegral, GradientAttribution):
 
     ``attribute`` returns IG(x) shaped like ``inputs`` (and delta per example with
     ``return_convergence_delta=True``); ``self.convergence`` holds the last call's per-example
-    delta, relative error, steps and whether the tolerance was met."""
+    delta, relative error, steps and whether the tolerance was met.
+
+    Args:
+        forward_func (callable): the model or a function F whose output ``attribute`` explains;
+            otherwise a TypeError.
+        multiply_by_inputs (bool, optional): True: IG_i(x) = (x_i - x'_i) * int_0^1 dF/dx_i da
+            (global attributions, which add up to F(x) - F(x')); False: the path integral alone,
+            without the factor (x_i - x'_i) (local attributions). Default: True.
+    """
 
     def __init__(self, forward_func: Callable[..., torch.Tensor], multiply_by_inputs: bool = True) -> None:
         _check_forward(forward_func)
@@ -435,7 +482,21 @@ class LayerIntegratedGradients(_PathIntegral, LayerAttribution, GradientAttribut
 
     With a(x) the layer's value, LIG_j(x) = (a_j(x) - a_j(x')) * int_0^1 dF/da_j (a(x') + t (a(x) - a(x'))) dt,
     the layer's value replaced by a forward hook; sum_j LIG_j(x) = F(x) - F(x') when F depends on
-    the inputs only through the layer."""
+    the inputs only through the layer.
+
+    Args:
+        forward_func (callable): the model or a function F whose output ``attribute`` explains;
+            otherwise a TypeError.
+        layer (nn.Module): the layer whose output (or, with ``attribute_to_layer_input``, input)
+            is attributed; one module, run exactly once per forward pass, else a TypeError or
+            ValueError.
+        device_ids (list of int, optional): the device ids of a DataParallel model, passed to
+            Captum's ``LayerAttribution`` as in Captum; not used by this class's path integral.
+            Default: None.
+        multiply_by_inputs (bool, optional): True: LIG_j(x) = (a_j(x) - a_j(x')) times the path
+            integral (global attributions, which add up to F(x) - F(x')); False: the path
+            integral alone. Default: True.
+    """
 
     def __init__(
         self,
