@@ -241,7 +241,15 @@ class GradientFeatureInfluence(DataInfluence):
     @keeps_model_state
     def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> torch.Tensor:
         """Per-example vectors whose dot products with the training vectors give the scores
-        (``aggregate``: their sum over the examples, (1, d))."""
+        (``aggregate``: their sum over the examples, (1, d)).
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the examples.
+            aggregate (bool, optional): return their sum over the examples. Default: False.
+
+        Returns:
+            Tensor: the vectors (n, d); (1, d) with ``aggregate``.
+        """
         vectors = self._test_features(inputs)
         return vectors.sum(0, keepdim=True) if aggregate else vectors
 
@@ -288,7 +296,25 @@ class GradientFeatureInfluence(DataInfluence):
         """Scores (n_test, n_train), positive when the training example helps; with ``k`` (clamped
         to n_train), the top-k proponents (or opponents) as ``KMostInfluentialResults(indices,
         influence_scores)``. ``aggregate``: the scores summed over the test examples, (1, n_train),
-        and the top-k of that sum, as in Captum."""
+        and the top-k of that sum, as in Captum.
+
+        Args:
+            inputs (tuple, Dataset or DataLoader): the test examples, a batch ``(*model_inputs,
+                labels)`` or a dataset of such tuples.
+            k (int, optional): return only the top ``k`` training examples per test example,
+                clamped to n_train; a positive int or None. Default: None (every score).
+            proponents (bool, optional): with ``k``, the highest scores (True) or the lowest,
+                the opponents (False). Default: True.
+            show_progress (bool, optional): progress bars over checkpoints and batches.
+                Default: False.
+            aggregate (bool, optional): score the sum over the test examples instead of each
+                test example. Default: False.
+
+        Returns:
+            Tensor or KMostInfluentialResults: without ``k``, the scores (n_test, n_train)
+            ((1, n_train) with ``aggregate``); with ``k``, ``KMostInfluentialResults(indices,
+            influence_scores)``, each (n_test, k) ((1, k) with ``aggregate``).
+        """
         with self._progress(show_progress):
             result = self._influence(inputs, self._clamp_k(k), proponents, aggregate)
         check_scores(result if isinstance(result, torch.Tensor) else result.influence_scores, "influence", "test")
