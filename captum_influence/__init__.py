@@ -4,8 +4,8 @@ Which training examples made a model say this (TRAK, TracIn) and which input fea
 (Integrated Gradients with completeness checks), on one batched-gradient backend.
 """
 
-from ._backend import Projector, per_example_grads
 from . import metrics, tasks, visualization
+from ._backend import Projector, per_example_grads
 from .completeness import CompletenessReport, check_completeness
 from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
 from .output_selection import find_output_nonlinearities, select_output
