@@ -191,9 +191,7 @@ class Quadrature:
         return examples, alphas, weights
 
     def node_counts(self) -> torch.Tensor:
-        return torch.bincount(
-            self.pieces.example, weights=self.pieces.nodes.double(), minlength=len(self.forward_evaluations)
-        ).long()
+        return _per_example_sum(self.pieces.nodes, self.pieces.example, len(self.forward_evaluations))
 
     def worst_piece(self, example: int) -> tuple[float, float]:
         """The piece of ``example`` with the largest error: where an unresolved switch sits."""
@@ -242,9 +240,6 @@ def integrate_pieces(path: Path, rtol: float, atol: float, most_nodes: int, chun
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     # F in the model's dtype carries rounding of about eps max|F| (the sums inside it cancel near F = 0).
     eps = torch.finfo(path.end[0].dtype).eps if path.end[0].is_floating_point() else 0.0
-    per_example = lambda values: torch.zeros(n, dtype=torch.float64, device=device).index_add_(  # noqa: E731
-        0, pieces.example, values
-    )
     while True:
         _measure(evaluate, pieces, pieces.error.isnan())
         stopped[pieces.example[~torch.isfinite(pieces.error)]] = True  # NaN or inf along the path
@@ -253,7 +248,8 @@ def integrate_pieces(path: Path, rtol: float, atol: float, most_nodes: int, chun
         size = (error.abs() - 16 * eps * scale[pieces.example]).clamp_min(0.0)
         # Converged: the pieces' errors add up to less than half the tolerance, as does their
         # sum (the completeness residual itself, in which the rounding of F cancels).
-        open_ = ((per_example(size) > tolerance) | (per_example(error).abs() > tolerance)) & ~stopped
+        open_ = (_per_example_sum(size, pieces.example, n) > tolerance) & ~stopped
+        open_ |= (_per_example_sum(error, pieces.example, n).abs() > tolerance) & ~stopped
         if not open_.any():
             break
         # Refine the fewest largest-error pieces such that the rest add up to at most half the
@@ -262,10 +258,8 @@ def integrate_pieces(path: Path, rtol: float, atol: float, most_nodes: int, chun
         # A jump in F itself never shrinks with the piece: stop at pieces too short to split.
         stopped[pieces.example[chosen & (pieces.b - pieces.a < 4 * MIN_STEP)]] = True
         # Doubling adds a piece's nodes, bisecting adds none; counted as doubling, to bound the loop too.
-        added = torch.zeros(n, dtype=torch.long, device=device).index_add_(
-            0, pieces.example, torch.where(chosen, pieces.nodes, torch.zeros_like(pieces.nodes))
-        )
-        nodes_now = torch.bincount(pieces.example, weights=pieces.nodes.double(), minlength=n).long()
+        added = _per_example_sum(torch.where(chosen, pieces.nodes, torch.zeros_like(pieces.nodes)), pieces.example, n)
+        nodes_now = _per_example_sum(pieces.nodes, pieces.example, n)
         stopped |= open_ & ((nodes_now + added > most_nodes) | (evaluate.calls > _MOST_NODES * most_nodes))
         stopped |= open_ & ~torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, pieces.example[chosen], True)
         chosen &= ~stopped[pieces.example]
@@ -285,6 +279,10 @@ def _within_budget(size: torch.Tensor, example: torch.Tensor, budget: torch.Tens
     within = torch.empty_like(size, dtype=torch.bool)
     within[order] = running - before[example[order]] <= budget[example[order]]
     return within
+
+
+def _per_example_sum(values: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, example, values)
 
 
 def _per_example_max(values: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
