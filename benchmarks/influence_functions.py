@@ -316,6 +316,8 @@ class Row:
 
     def text(self, setting) -> str:
         values = self.lds[setting]
+        if not np.isfinite(values).all():
+            return "non-finite scores"
         spread = f" +- {np.std(values):.3f}" if len(values) > 1 else ""
         return f"{np.mean(values):.3f}{spread}"
 
@@ -464,7 +466,7 @@ def summary(a: dict, b: dict, quick: bool) -> None:
     value = ours.mean(None)
     print(f"A: ours EK-FAC {value:.3f} >= 0.56: {verdict(value >= 0.56)}")
     for what, keys in (
-        ("Kronecker-factored", ("kron ekfac", "kron kfac", "dattri ekfac")),
+        ("Kronecker-factored ", ("kron ekfac", "kron kfac", "dattri ekfac")),
         ("", ("kron ekfac", "kron kfac", "captum arnoldi", "dattri cg", "dattri ekfac")),
     ):
         peers = [a[k] for k in keys if a[k].lds]

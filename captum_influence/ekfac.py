@@ -32,8 +32,14 @@ c_ijk = sigma_ij alpha_ik and sum_jk c_ijk^2 = |sigma_i|^2 |alpha_i|^2, so nothi
 B x out x in' is formed). The Kronecker basis spreads an example's curvature over more
 coordinates than the exact eigenbasis does, so the rule gives a smaller damping than for the
 exact influence function (about 0.2 to 0.7 of tr(G_l) / n against 0.6 to 1.1 on the digits MLPs),
-which is where EK-FAC's LDS optimum lies too (about 0.1 of tr(G_l) / n). Measured in
-benchmarks/influence_functions.py.
+in the direction of EK-FAC's LDS optimum (about 0.1 of tr(G_l) / n there), though not all the way.
+Measured in benchmarks/influence_functions.py (64-128-10 digits MLP, three models): LDS 0.49 +-
+0.04 with the defaults, against 0.48 for kronfluence's EK-FAC at its best damping factor and 0.36
+at its default; the best per-layer damping found by a sweep on the ground truth adds about 0.02
+(two of the three models). The exact influence function reaches 0.59 there; the Kronecker
+eigenbasis, not the block-diagonal structure, costs most of the difference (on a ReLU variant of
+that MLP, one model: exact per-layer Gauss-Newton blocks 0.66, the Kronecker eigenbasis at its
+best damping 0.56).
 """
 
 from __future__ import annotations
