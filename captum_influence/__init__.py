@@ -7,6 +7,8 @@ Which training examples made a model say this (TRAK, TracIn) and which input fea
 from . import metrics, tasks, visualization
 from ._backend import Projector, per_example_grads
 from .completeness import CompletenessReport, check_completeness
+from .ekfac import EKFACInfluence
+from .influence_functions import ArnoldiInfluenceFunction, NaiveInfluenceFunction
 from .integrated_gradients import IntegratedGradients, LayerIntegratedGradients
 from .output_selection import find_output_nonlinearities, select_output
 from .rrr import RRRLoss
@@ -18,9 +20,12 @@ from .trak import TRAK
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArnoldiInfluenceFunction",
     "CompletenessReport",
+    "EKFACInfluence",
     "IntegratedGradients",
     "LayerIntegratedGradients",
+    "NaiveInfluenceFunction",
     "Projector",
     "RRRLoss",
     "SimilarityInfluence",
