@@ -58,7 +58,7 @@ from ._backend.kfac import DiagonalBlock, KroneckerBlock, grad_matrix, kronecker
 from ._backend.layer_calls import record_calls
 from ._checkpoints import LoadFunc
 from ._data import to_device
-from .influence_functions import LossFn, _check_reg, _CurvatureInfluence
+from .influence_functions import LossFn, _check_reg, _check_seed, _CurvatureInfluence
 from .tracin import _check_flag
 
 # Per-example eigenbasis gradients (B x out x in' floats) materialised at a time for layers seen at
@@ -169,9 +169,7 @@ class EKFACInfluence(_CurvatureInfluence):
         )
         self.damping = _check_reg(damping, "damping")
         self.eigenvalue_correction = _check_flag(eigenvalue_correction, "eigenvalue_correction")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self._diag_engine: Optional[LayerGrads] = None
         self._open_store()
 
@@ -189,7 +187,7 @@ class EKFACInfluence(_CurvatureInfluence):
         """Kronecker blocks for the Linear and Conv2d layers whose parameters are all selected and
         computed by the engine's hooks alone (after its check), diagonal blocks for the rest."""
         first = to_device(tuple(next(iter(self.hessian_loader))), self.device)
-        arg = "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
+        arg = self._hessian_arg
         self._check_forward(self.objective.train_loss, first, 0, arg)
         self._engine.check(self.objective.train_loss, first)
         selected = set(self.param_names)
@@ -240,7 +238,7 @@ class EKFACInfluence(_CurvatureInfluence):
         (``is_grads_batched``), gives every layer's output gradient for every probe."""
         modules = [block.module for block in kron]
         by_module = {id(block.module): block for block in kron}
-        arg = "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
+        arg = self._hessian_arg
         if correct:
             for block in kron:
                 block.eigenvalues = torch.zeros_like(block.eigenvalues)

@@ -82,7 +82,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ._backend import FeatureStore, LayerGrads, Projector, param_shapes, select_param_names
 from ._backend.hvp import HessianVectorProducts, ParamLayout, arnoldi, column_chunk, ritz_pairs, symmetric_eigh
@@ -92,6 +91,7 @@ from ._backend.store import data_fingerprint, model_fingerprint
 from ._checkpoints import LoadFunc
 from ._data import as_loader, call_model, check_labelled, logits_of, split_batch, to_device
 from ._influence import GradientFeatureInfluence, check_scores, keeps_model_state
+from ._progress import progress
 from .tasks import ClassificationOutput, ModelOutput, get_task
 from .tracin import _check_flag, _check_loss_fn, _example_losses
 from .trak import _checkpoint_identity, _task_identity
@@ -248,27 +248,26 @@ class _Objective:
         return {"loss_fn": _describe_callable(self.loss_fn), "test_loss_fn": _describe_callable(self.test_loss_fn)}
 
 
-def _check_reg(value: Any, arg: str) -> Union[float, str]:
+def _check_reg(value: Any, arg: str, why: str = "") -> Union[float, str]:
     if value == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{arg}: expected a float >= 0 or 'auto'; got {value!r}.")
+        raise ValueError(f"{arg}: expected a float >= 0 or 'auto'; got {value!r}{why}.")
     return float(value)
 
 
 def _check_tol(value: Any, arg: str) -> Union[float, str]:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{arg}: expected a float >= 0 or 'auto'; got {value!r} (an eigenvalue of H + hessian_reg I at or "
-            "below it is not inverted, and a negative one has no square root)."
-        )
-    return float(value)
+    return _check_reg(value, arg, " (an eigenvalue of H + hessian_reg I at or below it is not inverted)")
 
 
 def _check_count(value: Any, arg: str) -> Optional[int]:
     return None if value is None else _check_positive(value, arg, " or None")
+
+
+def _check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"seed: expected a non-negative int; got {value!r}.")
+    return value
 
 
 def _check_positive(value: Any, arg: str, alternative: str = "") -> int:
@@ -438,13 +437,18 @@ class _CurvatureInfluence(GradientFeatureInfluence):
         rank, world = rank_and_world()
         loader = self.hessian_loader
         mine = shard_range(len(loader), rank, world)
-        bar = tqdm(total=len(mine), desc=desc, disable=not self.show_progress, leave=False)
+        bar = progress(total=len(mine), desc=desc, show=self.show_progress)
         for start, batch in iter_loader_shard(loader, mine):
             if self._example_shapes is None:
                 self._check_shapes(batch)
             yield start, to_device(batch, self.device)
             bar.update()
         bar.close()
+
+    @property
+    def _hessian_arg(self) -> str:
+        """The argument the Hessian examples came from, for error messages."""
+        return "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
 
     @staticmethod
     def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -505,7 +509,7 @@ class _CurvatureInfluence(GradientFeatureInfluence):
         curvature example i puts on direction j (module docstring). Directions beyond the top k
         hold little of the numerator; the denominator is the exact trace."""
         square = torch.zeros(2, dtype=torch.float64)  # sum c^2, sum tr(G_i)
-        arg = "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
+        arg = self._hessian_arg
         basis = directions.to(self.device, torch.float32 if self._dtype != torch.float64 else torch.float64)
         for start, batch in self._hessian_batches("damping: curvature per example and direction"):
             self._check_forward(self.objective.train_loss, batch, start, arg)
@@ -590,7 +594,7 @@ class _CurvatureInfluence(GradientFeatureInfluence):
         fn = self.objective.test_loss if test else self.objective.train_loss
         out = torch.empty(n, solve.dim, dtype=self._dtype)
         for _ in self._iter_checkpoints(f"{self.get_name()}: checkpoint"):
-            for start, batch in tqdm(batches, desc="inputs", disable=not self.show_progress, leave=False):
+            for start, batch in progress(batches, desc="inputs", show=self.show_progress):
                 rows = solve.embed(self._grads(fn, batch, start, "inputs"))
                 out[start : start + rows.shape[0]] = rows.to("cpu", self._dtype)
         return out
@@ -648,7 +652,50 @@ def _no_positive_error(what: str) -> ValueError:
     )
 
 
-class NaiveInfluenceFunction(_CurvatureInfluence):
+class _EigenInfluence(_CurvatureInfluence):
+    """Naive and Arnoldi: M from eigenpairs of H (directions V, weights w), Captum's options for
+    choosing them, and the solve kept in the store as two tensors."""
+
+    def _set_solve_options(
+        self,
+        projection_dim: Optional[int],
+        hessian_reg: Union[float, str],
+        hessian_inverse_tol: Union[float, str],
+        projection_on_cpu: bool,
+        complement: bool,
+    ) -> None:
+        self.projection_dim = _check_count(projection_dim, "projection_dim")
+        self.hessian_reg = _check_reg(hessian_reg, "hessian_reg")
+        self.hessian_inverse_tol = _check_tol(hessian_inverse_tol, "hessian_inverse_tol")
+        self.projection_on_cpu = _check_flag(projection_on_cpu, "projection_on_cpu")
+        self.complement = _check_flag(complement, "complement")
+        if self.complement and self.hessian_reg == 0:
+            raise ValueError(
+                "complement: the complement's weight is 1 / hessian_reg; pass hessian_reg > 0 or complement=False."
+            )
+
+    @property
+    def _solve_device(self) -> torch.device:
+        return torch.device("cpu") if self.projection_on_cpu else self.device
+
+    def _make_solve(self, vectors: torch.Tensor, weights: torch.Tensor, damping: float) -> _Solve:
+        return _Solve(vectors.to(self._solve_device), weights, damping, layout=self.layout)
+
+    def _stored_solve(self) -> Optional[_Solve]:
+        vectors, rest = self._the_store().load_tensor("solve_vectors"), self._the_store().load_tensor("solve_weights")
+        if vectors is None or rest is None:
+            return None
+        return self._make_solve(vectors, rest[1:], float(rest[0]))
+
+    def _save_solve(self, solve: _Solve) -> None:
+        store = self._the_store()
+        store.save_tensor("solve_vectors", solve.vectors)
+        store.save_tensor(
+            "solve_weights", torch.cat([torch.tensor([solve.damping], dtype=torch.float64), solve.weights])
+        )
+
+
+class NaiveInfluenceFunction(_EigenInfluence):
     r"""Influence functions from the explicit Hessian, as Captum's ``NaiveInfluenceFunction``.
 
     H, the Hessian of the training loss summed over ``hessian_dataset`` (default the training
@@ -735,16 +782,8 @@ class NaiveInfluenceFunction(_CurvatureInfluence):
             show_progress=show_progress,
             timeout=timeout,
         )
-        self.projection_dim = _check_count(projection_dim, "projection_dim")
         self.seed = seed
-        self.hessian_reg = _check_reg(hessian_reg, "hessian_reg")
-        self.hessian_inverse_tol = _check_tol(hessian_inverse_tol, "hessian_inverse_tol")
-        self.projection_on_cpu = _check_flag(projection_on_cpu, "projection_on_cpu")
-        self.complement = _check_flag(complement, "complement")
-        if self.complement and self.hessian_reg == 0:
-            raise ValueError(
-                "complement: the complement's weight is 1 / hessian_reg; pass hessian_reg > 0 or complement=False."
-            )
+        self._set_solve_options(projection_dim, hessian_reg, hessian_inverse_tol, projection_on_cpu, complement)
         need = 2 * 8 * self.layout.dim**2
         if need > _memory_limit():
             raise ValueError(
@@ -779,7 +818,7 @@ class NaiveInfluenceFunction(_CurvatureInfluence):
         hvp = HessianVectorProducts(self.model, self.objective.train_loss, self.param_names)
         hessian = torch.zeros(p, p, dtype=torch.float64)
         chunk = column_chunk(p)
-        arg = "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
+        arg = self._hessian_arg
         for start, batch in self._hessian_batches("Hessian: batches"):
             self._check_forward(self.objective.train_loss, batch, start, arg)
             n = len(batch[-1])
@@ -807,25 +846,10 @@ class NaiveInfluenceFunction(_CurvatureInfluence):
             weights = torch.cat([weights, torch.full((int(rest.sum()),), 1.0 / damping, dtype=torch.float64)])
         elif len(index) == 0:
             raise _no_positive_error("the Hessian")
-        where = torch.device("cpu") if self.projection_on_cpu else self.device
-        return _Solve(vectors[:, index].to(where), weights, damping, layout=self.layout)
-
-    def _stored_solve(self) -> Optional[_Solve]:
-        vectors, rest = self._the_store().load_tensor("solve_vectors"), self._the_store().load_tensor("solve_weights")
-        if vectors is None or rest is None:
-            return None
-        where = torch.device("cpu") if self.projection_on_cpu else self.device
-        return _Solve(vectors.to(where), rest[1:], float(rest[0]), layout=self.layout)
-
-    def _save_solve(self, solve: _Solve) -> None:
-        store = self._the_store()
-        store.save_tensor("solve_vectors", solve.vectors)
-        store.save_tensor(
-            "solve_weights", torch.cat([torch.tensor([solve.damping], dtype=torch.float64), solve.weights])
-        )
+        return self._make_solve(vectors[:, index], weights, damping)
 
 
-class ArnoldiInfluenceFunction(_CurvatureInfluence):
+class ArnoldiInfluenceFunction(_EigenInfluence):
     r"""Influence functions from the top eigenpairs of the Hessian found by the Arnoldi iteration,
     as Captum's ``ArnoldiInfluenceFunction`` (Schioppa et al. 2022), without forming the Hessian.
 
@@ -915,10 +939,7 @@ class ArnoldiInfluenceFunction(_CurvatureInfluence):
             show_progress=show_progress,
             timeout=timeout,
         )
-        self.projection_dim = _check_count(projection_dim, "projection_dim")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.arnoldi_dim: int = _check_positive(arnoldi_dim, "arnoldi_dim")
         self.arnoldi_block: int = _check_positive(arnoldi_block, "arnoldi_block")
         if (
@@ -928,14 +949,7 @@ class ArnoldiInfluenceFunction(_CurvatureInfluence):
         ):
             raise ValueError(f"arnoldi_tol: expected a float in [0, 1); got {arnoldi_tol!r}.")
         self.arnoldi_tol = float(arnoldi_tol)
-        self.hessian_reg = _check_reg(hessian_reg, "hessian_reg")
-        self.hessian_inverse_tol = _check_tol(hessian_inverse_tol, "hessian_inverse_tol")
-        self.projection_on_cpu = _check_flag(projection_on_cpu, "projection_on_cpu")
-        self.complement = _check_flag(complement, "complement")
-        if self.complement and self.hessian_reg == 0:
-            raise ValueError(
-                "complement: the complement's weight is 1 / hessian_reg; pass hessian_reg > 0 or complement=False."
-            )
+        self._set_solve_options(projection_dim, hessian_reg, hessian_inverse_tol, projection_on_cpu, complement)
         p = self.layout.dim
         vectors = min(self.arnoldi_dim, p) + self.arnoldi_block
         need = 2 * 8 * vectors * p
@@ -976,11 +990,11 @@ class ArnoldiInfluenceFunction(_CurvatureInfluence):
 
     def _fit_curvature(self) -> _Solve:
         p = self.layout.dim
-        where = torch.device("cpu") if self.projection_on_cpu else self.device
+        where = self._solve_device
         hvp = HessianVectorProducts(self.model, self.objective.train_loss, self.param_names)
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(min(self.arnoldi_block, p), p, dtype=torch.float64, generator=generator).to(where)
-        arg = "hessian_dataset" if self.hessian_dataset is not None else "train_dataset"
+        arg = self._hessian_arg
         basis, t = arnoldi(
             self._matmat(hvp, arg), start, self.arnoldi_dim, self.arnoldi_tol, show_progress=self.show_progress
         )
@@ -990,15 +1004,7 @@ class ArnoldiInfluenceFunction(_CurvatureInfluence):
         index = _select(values, damping, self.hessian_inverse_tol, self.projection_dim)
         if len(index) == 0 and not self.complement:
             raise _no_positive_error("the Hessian restricted to the Krylov subspace")
-        solve = _Solve(
-            vectors[:, index].contiguous(),
-            1.0 / (values[index] + damping),
-            damping,
-            complement=self.complement,
-            layout=self.layout,
-        )
-        solve.projector = self._complement_projector()
-        return solve
+        return self._make_solve(vectors[:, index].contiguous(), 1.0 / (values[index] + damping), damping)
 
     def _complement_projector(self) -> Optional[Projector]:
         if not self.complement or self.layout.dim <= _COMPLEMENT_EXACT_DIM:
@@ -1011,18 +1017,8 @@ class ArnoldiInfluenceFunction(_CurvatureInfluence):
             dtype=torch.float32,
         )
 
-    def _stored_solve(self) -> Optional[_Solve]:
-        vectors, rest = self._the_store().load_tensor("solve_vectors"), self._the_store().load_tensor("solve_weights")
-        if vectors is None or rest is None:
-            return None
-        where = torch.device("cpu") if self.projection_on_cpu else self.device
-        solve = _Solve(vectors.to(where), rest[1:], float(rest[0]), complement=self.complement, layout=self.layout)
+    def _make_solve(self, vectors: torch.Tensor, weights: torch.Tensor, damping: float) -> _Solve:
+        """The Ritz directions kept; the complement is applied to each gradient (projected when p is large)."""
+        solve = _Solve(vectors.to(self._solve_device), weights, damping, complement=self.complement, layout=self.layout)
         solve.projector = self._complement_projector()
         return solve
-
-    def _save_solve(self, solve: _Solve) -> None:
-        store = self._the_store()
-        store.save_tensor("solve_vectors", solve.vectors)
-        store.save_tensor(
-            "solve_weights", torch.cat([torch.tensor([solve.damping], dtype=torch.float64), solve.weights])
-        )

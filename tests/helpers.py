@@ -104,6 +104,20 @@ def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
 
 
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """The model's parameters as one flat vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unflat(model: nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat parameter vector back as ``{name: tensor}`` (for ``functional_call``)."""
+    out, offset = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = vector[offset : offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return out
+
+
 def classification_q(model: nn.Module, batch: Sequence[Any]) -> torch.Tensor:
     """Q_i = 1 - p_{y_i}, each example alone."""
     with torch.no_grad():

@@ -6,23 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import flat_params, unflat
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
 
 import captum_influence as ci
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def unflat(model, vector):
-    out, offset = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = vector[offset : offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return out
 
 
 def outputs(model, x):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import flat_params, unflat
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,18 +25,6 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "influence_func
 
 
 # --- references ----------------------------------------------------------------------------
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def unflat(model, vector):
-    out, offset = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = vector[offset : offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return out
 
 
 def example_loss(model, loss):

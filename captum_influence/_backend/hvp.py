@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from tqdm.auto import tqdm
 
+from .._progress import progress
 from .grads import _Call, check_per_example_output
 
 OutputFn = Callable[..., torch.Tensor]
@@ -200,7 +200,7 @@ def arnoldi(
     basis[:filled] = block
     done = 0  # basis vectors whose products are in T
     scale = 0.0
-    bar = tqdm(total=min(dim, n), desc="Arnoldi iteration", disable=not show_progress, leave=False)
+    bar = progress(total=min(dim, n), desc="Arnoldi iteration", show=show_progress)
     while done < min(dim, n) and done < filled:
         rows = basis[done:filled]
         w = matmat(rows).to(torch.float64)
