@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lds import digits, margins  # noqa: E402  (the data and the margin of benchmarks/lds.py)
+from lds import digits, ground_truth, mlp, train  # noqa: E402  (benchmarks/lds.py's data, model and recipe)
 
 import captum_influence as ci  # noqa: E402
 
@@ -72,35 +72,6 @@ class Setup:
     n_targets: int = 200
     n_subsets: int = 100
     epochs: int = 60
-
-
-def mlp(hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-
-def train(x, y, seed: int, hidden: int, epochs: int) -> nn.Module:
-    """benchmarks/lds.py's recipe: minibatch Adam with weight decay."""
-    torch.manual_seed(seed)
-    model = mlp(hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-def ground_truth(setup: Setup, xtr, ytr, xte, yte):
-    rng = np.random.default_rng(1)
-    masks = np.zeros((setup.n_subsets, len(ytr)), dtype=bool)
-    outputs = np.zeros((setup.n_subsets, len(yte)))
-    for j in range(setup.n_subsets):
-        masks[j, rng.choice(len(ytr), len(ytr) // 2, replace=False)] = True
-        idx = torch.from_numpy(np.flatnonzero(masks[j]))
-        outputs[j] = margins(train(xtr[idx], ytr[idx], 1000 + j, setup.hidden, setup.epochs), xte, yte).numpy()
-    return masks, outputs
 
 
 @dataclass
@@ -367,9 +338,9 @@ def print_table(setup: Setup, rows: list) -> None:
 def run_setup(setup: Setup, args, sweeps: dict) -> dict:
     xtr, ytr, xte, yte = digits(setup.n_train, setup.n_targets)
     start = time.perf_counter()
-    masks, outputs = ground_truth(setup, xtr, ytr, xte, yte)
+    masks, outputs = ground_truth(xtr, ytr, xte, yte, setup.n_subsets, hidden=setup.hidden, epochs=setup.epochs)
     states = [
-        {k: v.clone() for k, v in train(xtr, ytr, s, setup.hidden, setup.epochs).state_dict().items()}
+        {k: v.clone() for k, v in train(xtr, ytr, s, hidden=setup.hidden, epochs=setup.epochs).state_dict().items()}
         for s in setup.seeds
     ]
     params = sum(p.numel() for p in mlp(setup.hidden).parameters())

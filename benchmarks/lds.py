@@ -54,13 +54,13 @@ def digits(n_train: int, n_targets: int):
     return x[train], y[train], x[test], y[test]
 
 
-def train(x, y, seed: int, on_epoch=None, hidden: int = HIDDEN) -> nn.Module:
+def train(x, y, seed: int, on_epoch=None, hidden: int = HIDDEN, epochs: int = EPOCHS) -> nn.Module:
     """Minibatch Adam with weight decay; ``on_epoch(model, epoch)`` sees the model after each epoch."""
     torch.manual_seed(seed)
     model = mlp(hidden)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     g = torch.Generator().manual_seed(seed)
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(64):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -77,7 +77,7 @@ def margins(model: nn.Module, x, y) -> torch.Tensor:
     return correct - logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
 
 
-def ground_truth(xtr, ytr, xte, yte, n_subsets: int, hidden: int = HIDDEN):
+def ground_truth(xtr, ytr, xte, yte, n_subsets: int, hidden: int = HIDDEN, epochs: int = EPOCHS):
     """Masks (m, n_train) of random halves and the target margins (m, n_targets) of models trained on them."""
     rng = np.random.default_rng(1)
     masks = np.zeros((n_subsets, len(ytr)), dtype=bool)
@@ -85,7 +85,7 @@ def ground_truth(xtr, ytr, xte, yte, n_subsets: int, hidden: int = HIDDEN):
     for j in range(n_subsets):
         masks[j, rng.choice(len(ytr), len(ytr) // 2, replace=False)] = True
         idx = torch.from_numpy(np.flatnonzero(masks[j]))
-        outputs[j] = margins(train(xtr[idx], ytr[idx], seed=1000 + j, hidden=hidden), xte, yte).numpy()
+        outputs[j] = margins(train(xtr[idx], ytr[idx], seed=1000 + j, hidden=hidden, epochs=epochs), xte, yte).numpy()
     return masks, outputs
 
 

@@ -5,7 +5,8 @@ against 100 models retrained on random halves (``--quick``: 500, 100 and 40). Ea
 same ensemble (MLPs trained on the whole training set with different seeds) or, for TracIn, the
 checkpoints of one training run:
 
-  ours                TRAK with default settings, 1, 2, 4 and 8 models (nothing else varied)
+  ours                TRAK with default settings, 1, 2, 4 and 8 models (nothing else varied); and our
+                      EK-FAC and Arnoldi influence functions with defaults, one model (shown, not matched)
   traker 0.3.2        its defaults (proj_dim 2048, fp16) and proj_dim 128 / 256 / 512, 1 and 8 models
   dattri 0.3 TRAK     its default (proj_dim 512) and proj_dim 128 / 256, 1 and 8 models
   dattri 0.3 TracIn   its default projection (512) and 128 / 2048, 5 checkpoints
@@ -216,6 +217,27 @@ def configurations(model, ensemble, trajectory, train_set, targets, n_train, qui
         )
         for m in (1, 2, 4, 8)
     ]
+    # our influence functions with defaults, one model: shown beside the peers, not used for matching
+    ours.append(
+        Config(
+            "ours EK-FAC",
+            "defaults",
+            1,
+            lambda: ci.EKFACInfluence(model, train_set, ensemble[0], task="classification").influence(targets),
+            default=True,
+        )
+    )
+    ours.append(
+        Config(
+            "ours Arnoldi",
+            "defaults",
+            1,
+            lambda: ci.ArnoldiInfluenceFunction(model, train_set, ensemble[0], task="classification").influence(
+                targets
+            ),
+            default=True,
+        )
+    )
     peers: list[Config] = []
     for m in (1, 8):
         peers.append(
@@ -340,7 +362,7 @@ def report(configs: list[Config], plot: Optional[str]) -> None:
         " varied) with at least the same LDS in no more time?"
     )
     misses = 0
-    for lib in libraries[1:]:
+    for lib in (lib for lib in libraries if not lib.startswith("ours")):
         group = [c for c in configs if c.library == lib and np.isfinite(c.lds)]
         if not group:
             print(f"  {lib}: no result")
@@ -371,7 +393,7 @@ def report(configs: list[Config], plot: Optional[str]) -> None:
             ax.plot(
                 [c.time for c in group],
                 [c.lds for c in group],
-                "o-" if lib == "ours TRAK" else "o",
+                "o-" if lib == "ours TRAK" else ("s" if lib.startswith("ours") else "o"),
                 label=lib,
                 alpha=0.85,
             )
