@@ -178,6 +178,49 @@ def test_arnoldi_keeps_the_top_eigenpairs():
     assert arnoldi.compute_intermediate_quantities(train).shape == (len(y), 5)
 
 
+def test_arnoldi_default_block_leaves_enough_steps_for_a_small_krylov_dimension():
+    """arnoldi_dim=48 on 111 parameters: the default block (48 // 32 = 1 vector per step) gives H's
+    top eigenvalues; a block of 32 (two steps, a polynomial of degree one in H) would miss them."""
+    model, train, _ = problem(seed=8, hidden=12)
+    x, y = train.tensors
+    settings = dict(hessian_reg=0.1, hessian_inverse_tol=0.0, complement=False, projection_dim=5, batch_size=40)
+    arnoldi = ci.ArnoldiInfluenceFunction(model, train, arnoldi_dim=48, **settings)
+    arnoldi.self_influence()
+    assert arnoldi.arnoldi_block == 1
+    values = torch.linalg.eigvalsh(reference_hessian(model, x, y))
+    assert torch.allclose(1 / arnoldi._solve.weights - 0.1, values[-5:], rtol=1e-8)
+
+
+def test_captums_arnoldi_influence_function_agrees(tmp_path):
+    """A Krylov dimension above the number of parameters makes the Ritz pairs H's eigenpairs
+    whatever the starting vectors: Captum's ArnoldiInfluenceFunction and ours (complement=False)
+    then give the same scores on an MLP with an indefinite Hessian."""
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction as CaptumArnoldi
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    test = (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    train = TensorDataset(x, y)
+    settings = dict(
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=30,
+        projection_dim=6,
+        hessian_reg=1e-2,
+        hessian_inverse_tol=1e-4,
+        arnoldi_dim=45,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captum = CaptumArnoldi(model, train, str(path), arnoldi_tol=1e-10, **settings)
+        theirs, their_self = captum.influence(test), captum.self_influence()
+    ours = ci.ArnoldiInfluenceFunction(model, train, str(path), complement=False, **settings)
+    assert rel(ours.influence(test), theirs) < 1e-9
+    assert rel(ours.self_influence(), their_self) < 1e-9
+
+
 def test_captums_naive_influence_function_agrees(tmp_path):
     """Softmax regression (a convex loss): Captum's NaiveInfluenceFunction and ours with the same
     projection_dim, hessian_reg and hessian_inverse_tol give the same scores."""
