@@ -71,10 +71,12 @@ directions and weights are exactly Captum's (see the tests), and so are the scor
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union, cast
 
@@ -173,46 +175,58 @@ class _Objective:
 
     # --- the model output and the loss as a function of it (Gauss-Newton) -------------------
 
-    def output(self, model: nn.Module, batch: tuple) -> torch.Tensor:
-        """The model's output y for the batch, (B, C), differentiable: what the loss sees."""
+    def model_output(self, model: nn.Module, batch: tuple) -> Any:
+        """What the model returns for the batch, as the loss sees it: a tensor, a dict or a
+        transformers output (for a task, captured from the task's one model call)."""
         if self.task is None:
             inputs, _ = split_batch(batch)
-            out = call_model(model, inputs)
-            if not isinstance(out, torch.Tensor):
-                try:
-                    out = logits_of(out)
-                except ValueError:
-                    raise ValueError(
-                        f"model: forward returns a {type(out).__name__}; the Gauss-Newton curvature (damping "
-                        "'auto', EKFACInfluence) needs a tensor output or one with a 'logits' tensor."
-                    ) from None
-            return out.reshape(out.shape[0], -1)
+            return call_model(model, inputs)
         captured: list = []
         handle = model.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
-            self.task.output(model, batch)  # the model's output as the task's loss sees it
+            self.task.output(model, batch)
         finally:
             handle.remove()
-        if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
+        if len(captured) != 1:
             raise ValueError(
-                f"task: {type(self.task).__name__}.output calls the model {len(captured)} time(s) or the model "
-                "returns no tensor; the Gauss-Newton curvature (damping 'auto', EKFACInfluence) needs one "
-                "call returning a tensor. Pass a float damping, or loss_fn instead of task."
+                f"task: {type(self.task).__name__}.output calls the model {len(captured)} times; the Gauss-Newton "
+                "curvature (damping 'auto', EKFACInfluence) needs one call. Pass a float damping, or loss_fn "
+                "instead of task."
             )
-        out = captured[0]
-        return out.reshape(out.shape[0], -1)
+        return captured[0]
 
-    def loss_of_output(
-        self, model: nn.Module, batch: tuple, shape: torch.Size
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``o -> per-example losses`` when the model's output is replaced by o (B, C)."""
+    @staticmethod
+    def logits(raw: Any) -> torch.Tensor:
+        """The output tensor y of a model's return value: itself, or its ``logits``."""
+        if isinstance(raw, torch.Tensor):
+            return raw
+        try:
+            return logits_of(raw)
+        except ValueError:
+            raise ValueError(
+                f"model: forward returns a {type(raw).__name__}; the Gauss-Newton curvature (damping 'auto', "
+                "EKFACInfluence) needs a tensor output or one with a 'logits' tensor."
+            ) from None
+
+    def output(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """The model's output y for the batch, flattened to (B, C), differentiable."""
+        y = self.logits(self.model_output(model, batch))
+        return y.reshape(y.shape[0], -1)
+
+    def loss_of_output(self, model: nn.Module, batch: tuple, raw: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``o -> per-example losses`` when the model's output y is replaced by o (B, C): o takes
+        y's shape and y's place in what the model returns (``raw``, from :meth:`model_output`)."""
         _, labels = split_batch(batch)
+        shape = self.logits(raw).shape
         if self.task is None:
-            return lambda o: _example_losses(self.loss_fn, o.reshape(shape), labels)
+            default = self.default
+            return lambda o: _example_losses(
+                self.loss_fn, o.reshape(shape) if default else _with_logits(raw, o.reshape(shape)), labels
+            )
         task = self.task
 
         def loss(o: torch.Tensor) -> torch.Tensor:
-            handle = model.register_forward_hook(lambda module, args, out: o.reshape(shape))
+            handle = model.register_forward_hook(lambda module, args, out: _with_logits(out, o.reshape(shape)))
             try:
                 return task.loss(model, batch)
             finally:
@@ -220,10 +234,13 @@ class _Objective:
 
         return loss
 
-    def output_hessians(self, model: nn.Module, batch: tuple, out: torch.Tensor) -> torch.Tensor:
-        """Lambda (B, C, C): each example's Hessian of its training loss in the model's output;
-        in closed form for cross-entropy of logits (the default loss, ``nn.CrossEntropyLoss``
-        without class weights or label smoothing, ``ClassificationOutput``), else by autograd."""
+    def output_hessians(self, model: nn.Module, batch: tuple, raw: Any) -> torch.Tensor:
+        """Lambda (B, C, C): each example's Hessian of its training loss in the model's output y
+        (flattened), for the model's return value ``raw``; in closed form for cross-entropy of
+        logits (the default loss, ``nn.CrossEntropyLoss`` without class weights or label smoothing,
+        ``ClassificationOutput``), else by autograd."""
+        y = self.logits(raw)
+        out = y.reshape(y.shape[0], -1)
         task = self.task
         if task is not None and type(task).loss in _CROSS_ENTROPY_TASK_LOSSES:
             return softmax_cross_entropy_hessians(out, cast(ClassificationOutput, task).temperature).to(out.dtype)
@@ -233,19 +250,33 @@ class _Objective:
             and isinstance(loss_fn, nn.CrossEntropyLoss)
             and loss_fn.weight is None
             and loss_fn.label_smoothing == 0
-            and out.dim() == 2
+            and y.dim() == 2
         ):
             _, labels = split_batch(batch)
             if isinstance(labels, torch.Tensor) and not labels.dtype.is_floating_point and labels.dim() == 1:
                 hessians = softmax_cross_entropy_hessians(out).to(out.dtype)
                 ignored = labels == loss_fn.ignore_index  # no loss there: no curvature
                 return hessians * (~ignored).to(hessians.dtype)[:, None, None]
-        return output_hessians(out, self.loss_of_output(model, batch, out.shape))
+        return output_hessians(out, self.loss_of_output(model, batch, raw))
 
     def identity(self) -> dict:
         if self.task is not None:
             return {"task": _task_identity(self.task)}
         return {"loss_fn": _describe_callable(self.loss_fn), "test_loss_fn": _describe_callable(self.test_loss_fn)}
+
+
+def _with_logits(raw: Any, logits: torch.Tensor) -> Any:
+    """A model's return value with its output tensor replaced: ``logits`` for a tensor, else a
+    copy of the dict or transformers output with ``logits`` in place of its own."""
+    if isinstance(raw, torch.Tensor):
+        return logits
+    if isinstance(raw, Mapping):
+        fields = dict(raw)
+        fields["logits"] = logits
+        return type(raw)(**fields)
+    new = copy.copy(raw)
+    new.logits = logits
+    return new
 
 
 def _check_reg(value: Any, arg: str, why: str = "") -> Union[float, str]:
@@ -463,10 +494,11 @@ class _CurvatureInfluence(GradientFeatureInfluence):
                 out = fn(self.model, *batch)
         except ValueError as err:
             raise ValueError(f"{arg}: the loss fails on examples {start}..{start + n - 1}: {err}") from err
-        except (IndexError, RuntimeError, TypeError) as err:
+        except (AttributeError, IndexError, RuntimeError, TypeError) as err:
             raise ValueError(
                 f"{arg}: the loss fails on examples {start}..{start + n - 1} ({type(err).__name__}: {err}); "
-                "expected inputs of the shape the model takes and labels the loss accepts."
+                "expected inputs of the shape the model takes and labels the loss accepts (a batch "
+                "(*tensors, labels) calls model(*tensors) positionally, ({name: tensor}, labels) with keywords)."
             ) from err
         if not isinstance(out, torch.Tensor) or out.shape != (n,):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -498,10 +530,10 @@ class _CurvatureInfluence(GradientFeatureInfluence):
     def _probes(self, batch: tuple, seed: int) -> torch.Tensor:
         """The Gauss-Newton probe columns U (B, C, r) of a batch (``hvp_gauss_newton``)."""
         with torch.no_grad():
-            out = self.objective.output(self.model, batch)
-        hessians = self.objective.output_hessians(self.model, batch, out)
+            raw = self.objective.model_output(self.model, batch)
+        hessians = self.objective.output_hessians(self.model, batch, raw)
         generator = torch.Generator().manual_seed(seed)
-        return probe_columns(hessians, max_probes=_MAX_PROBES, generator=generator).to(out.dtype)
+        return probe_columns(hessians, max_probes=_MAX_PROBES, generator=generator).to(self.objective.logits(raw).dtype)
 
     def _curvature_share(self, directions: torch.Tensor) -> float:
         """The "auto" damping for the orthonormal ``directions`` (p, k) of the curvature's top

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import flat_params, unflat
+from helpers import as_examples, flat_params, tiny_bert, unflat
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
@@ -89,6 +89,47 @@ def test_a_single_linear_layer_with_squared_error_is_exact_for_any_number_of_exa
         )
         expected = gauss_newton_influence(model, (x, y), test, 0.3, loss=se, kind="se")
         assert rel(ekfac.influence(test), expected) < 1e-10
+
+
+def test_a_transformers_classifier_layer_with_one_hessian_example_equals_the_exact_gauss_newton_influence():
+    """Tiny BERT with dict encodings, only its classifier Linear selected (one position per example)
+    and one Hessian example: G = J^T Lambda J is a Kronecker product, so EK-FAC and K-FAC are exact,
+    with cross-entropy and with task="text_classification" alike (the same training loss)."""
+    model = tiny_bert().double()
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(8)[None, :] < torch.tensor([4, 8, 6, 7, 5, 8])[:, None]).long()
+    encoding = {"input_ids": torch.randint(1, 100, (6, 8), generator=g) * mask, "attention_mask": mask}
+    labels = torch.randint(0, 3, (6,), generator=g)
+    names = ["classifier.weight", "classifier.bias"]
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+
+    def logits(theta, enc):
+        w, b = theta[:-3].reshape(3, -1), theta[-3:]
+        return functional_call(model, {**fixed, names[0]: w, names[1]: b}, (), enc).logits
+
+    def losses(theta, enc, y):
+        return F.cross_entropy(logits(theta, enc), y, reduction="none")
+
+    theta = torch.cat([fixed[n].reshape(-1) for n in names])
+    first = {k: v[:1] for k, v in encoding.items()}
+    jac = jacrev(lambda t: logits(t, first)[0])(theta)  # (C, P)
+    p = logits(theta, first)[0].softmax(0).detach()
+    gn = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+    train_grads = jacrev(losses)(theta, encoding, labels)
+    test_grads = jacrev(losses)(theta, {k: v[1:4] for k, v in encoding.items()}, labels[1:4])
+    m = torch.linalg.inv(gn + 0.1 * torch.eye(len(gn), dtype=gn.dtype))
+    expected = test_grads @ m @ train_grads.T
+    train, one = as_examples((encoding, labels)), as_examples((first, labels[:1]))
+    test = ({k: v[1:4] for k, v in encoding.items()}, labels[1:4])
+    for correction in (True, False):
+        ekfac = ci.EKFACInfluence(
+            model, train, layers=["classifier"], hessian_dataset=one, damping=0.1, eigenvalue_correction=correction
+        )
+        assert rel(ekfac.influence(test), expected) < 1e-10
+    by_task = ci.EKFACInfluence(
+        model, train, layers=["classifier"], hessian_dataset=one, damping=0.1, task="text_classification"
+    )
+    assert rel(by_task.self_influence(), ((train_grads @ m) * train_grads).sum(1)) < 1e-10
 
 
 def test_the_eigenvalue_correction_never_worsens_the_fit_of_a_layers_block():

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import flat_params, unflat
+from helpers import as_examples, flat_params, tiny_bert, unflat, user_warnings
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
@@ -369,6 +369,140 @@ def test_store_resumes_and_refuses_other_settings(tmp_path):
     assert torch.equal(again.influence(test), scores)
     with pytest.raises(ValueError, match="other settings"):
         ci.ArnoldiInfluenceFunction(model, train, arnoldi_dim=31, store_dir=tmp_path / "s", batch_size=8)
+
+
+def test_auto_damping_sees_the_models_output_in_its_own_shape():
+    """Logits (B, T, C) and a per-sequence loss: the Gauss-Newton matrix of the "auto" damping uses
+    Lambda_i, the Hessian of example i's loss in its whole output, from torch.func."""
+
+    def sequence_ce(out, y):
+        return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+    torch.manual_seed(13)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6, 5))
+    naive = ci.NaiveInfluenceFunction(model, TensorDataset(x, y), loss_fn=sequence_ce, batch_size=4)
+    naive.self_influence()
+    theta = flat_params(model)
+    h = hessian(lambda t: sequence_ce(functional_call(model, unflat(model, t), (x,)), y).sum())(theta)
+    _, vectors = torch.linalg.eigh(h)
+    c = []
+    for i in range(len(y)):
+        jac = jacrev(lambda t: functional_call(model, unflat(model, t), (x[i : i + 1],)).reshape(-1))(theta)
+        out = model(x[i : i + 1]).detach().reshape(-1)
+        lam = hessian(lambda o: sequence_ce(o.reshape(1, 5, 3), y[i : i + 1]).sum())(out)
+        c.append(((jac @ vectors) * (lam @ jac @ vectors)).sum(0))
+    c = torch.stack(c)
+    assert math.isclose(naive.damping_, float((c**2).sum() / c.sum()), rel_tol=1e-8)
+
+
+# --- transformers models ---------------------------------------------------------------------
+
+
+def encodings(n, seed, token_types=True):
+    """``(encoding, labels)``: n padded sequences of length 8 (the first one 4 tokens), 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 9, (n,), generator=g)
+    lengths[0] = 4
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    encoding = {"input_ids": torch.randint(1, 64, (n, 8), generator=g) * mask, "attention_mask": mask}
+    if token_types:
+        encoding["token_type_ids"] = torch.zeros_like(mask)
+    return encoding, torch.randint(0, 3, (n,), generator=g)
+
+
+def tiny_gpt2_classifier():
+    """A transformers GPT2ForSequenceClassification from a small config, random weights, float64."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, pad_token_id=0, num_labels=3
+    )
+    return transformers.GPT2ForSequenceClassification(config).double().eval()
+
+
+# Model, data with or without token types, the selected layers (a LayerNorm and the classifier).
+TRANSFORMERS = {
+    "bert": (lambda: tiny_bert().double(), True, ["bert.encoder.layer.1.output.LayerNorm", "classifier"]),
+    "gpt2": (tiny_gpt2_classifier, False, ["transformer.ln_f", "score"]),
+}
+
+
+def selected_losses(model, layers, encoding, labels):
+    """``(theta -> per-example cross-entropy, theta)``: the parameters of ``layers`` as one flat vector."""
+    names = [n for n, _ in model.named_parameters() if any(n.startswith(layer + ".") for layer in layers)]
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+
+    def losses(theta):
+        parts = dict(
+            zip(
+                names,
+                (t.reshape(fixed[n].shape) for t, n in zip(theta.split([fixed[n].numel() for n in names]), names)),
+            )
+        )
+        return F.cross_entropy(
+            functional_call(model, {**fixed, **parts}, (), encoding).logits, labels, reduction="none"
+        )
+
+    return losses, torch.cat([fixed[n].reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_naive_on_a_transformers_classifier_equals_an_explicit_float64_hessian(name):
+    """Dict encodings, the default loss and task="text_classification": H and the scores against
+    torch.func in float64; no fallback warning (forward-over-reverse products run on the model)."""
+    make, token_types, layers = TRANSFORMERS[name]
+    model = make()
+    train, test = encodings(8, 1, token_types), encodings(3, 2, token_types)
+    losses, theta = selected_losses(model, layers, *train)
+    h = hessian(lambda t: losses(t).sum())(theta)
+    g, gt = jacrev(losses)(theta), jacrev(selected_losses(model, layers, *test)[0])(theta)
+    lam = float(-torch.linalg.eigvalsh(h).min()) + 0.5
+    m = torch.linalg.inv(h + lam * torch.eye(len(h), dtype=h.dtype))
+    settings = dict(layers=layers, hessian_reg=lam, hessian_inverse_tol=0.0, complement=False, batch_size=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        naive = ci.NaiveInfluenceFunction(model, as_examples(train), **settings)
+        assert rel(naive.hessian(), h) < 1e-10
+        assert rel(naive.influence(test), gt @ m @ g.T) < 1e-9
+        by_task = ci.NaiveInfluenceFunction(model, as_examples(train), task="text_classification", **settings)
+        assert rel(by_task.self_influence(), ((g @ m) * g).sum(1)) < 1e-9
+    assert user_warnings(record) == []
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_arnoldi_and_ekfac_run_on_a_transformers_classifier(name):
+    """Arnoldi over the whole selected space (three blocks of 64) equals Naive; the "auto" damping
+    is the same whether the loss is the default (closed-form Gauss-Newton), a callable of the
+    output object (autograd) or the task; EK-FAC (a Kronecker block and a LayerNorm fallback) gives
+    finite scores; nothing warns. A positional batch the model cannot take is named."""
+    make, token_types, layers = TRANSFORMERS[name]
+    model = make()
+    train, test = as_examples(encodings(8, 1, token_types)), encodings(3, 2, token_types)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        naive = ci.NaiveInfluenceFunction(model, train, layers=layers, batch_size=8)
+        scores = naive.influence(test)
+        p = naive.layout.dim
+        arnoldi = ci.ArnoldiInfluenceFunction(
+            model, train, layers=layers, hessian_reg=naive.damping_, arnoldi_dim=p, arnoldi_block=64, batch_size=8
+        )
+        assert rel(arnoldi.influence(test), scores) < 1e-8
+        on_object = lambda out, y: F.cross_entropy(out.logits, y, reduction="none")  # noqa: E731
+        for form in (dict(loss_fn=on_object), dict(task="text_classification")):
+            other = ci.NaiveInfluenceFunction(model, train, layers=layers, batch_size=8, **form)
+            other.self_influence()
+            assert math.isclose(other.damping_, naive.damping_, rel_tol=1e-10)
+        ekfac = ci.EKFACInfluence(model, train, layers=layers, task="text_classification", batch_size=8)
+        ek_scores, ek_self = ekfac.influence(test), ekfac.self_influence()
+        assert len(ekfac.blocks.kron) == 1 and len(ekfac.blocks.diag) == 1
+        assert bool(torch.isfinite(ek_scores).all()) and bool((ek_self > 0).all())
+    assert user_warnings(record) == []
+    encoding, labels = encodings(4, 3, token_types)
+    positional = TensorDataset(*encoding.values(), labels)  # GPT-2's second positional input is a cache
+    if name == "gpt2":
+        with pytest.raises(ValueError, match="train_dataset: the loss fails on examples 0..3 .*positionally"):
+            ci.NaiveInfluenceFunction(model, positional, layers=layers, batch_size=4).self_influence()
 
 
 # --- bad inputs ----------------------------------------------------------------------------
