@@ -6,7 +6,8 @@ one block per layer,
 
 * Linear and Conv2d (groups 1): eigenvalue-corrected Kronecker factors (``_backend/kfac.py``).
   A = sum a a^T of the layer inputs (unfolded patches for convolutions, a 1 appended for the
-  bias) and S = sum d d^T of the output gradients of the Gauss-Newton probes
+  bias) at the positions whose output gradient is nonzero for some probe (the others add nothing
+  to the block), and S = sum d d^T of the output gradients of the Gauss-Newton probes
   (``_backend/hvp_gauss_newton.py``: for each example the columns u of Lambda^{1/2}, the loss's
   output Hessian, so that sum over probes of (J^T u)(J^T u)^T is that example's exact
   Gauss-Newton matrix: no sampled labels), recorded by the engine's layer hooks in one forward
@@ -314,8 +315,13 @@ class EKFACInfluence(_CurvatureInfluence):
             a = torch.cat([p[0] for p in pieces], 1)
             ds = torch.cat([p[1] for p in pieces], 2)
             if not correct:
+                # A counts only the positions whose output gradient is nonzero for some probe: the
+                # others (a sequence classifier's head at the tokens it does not read, padding the
+                # loss ignores) add nothing to the block, and would turn A's eigenbasis away from
+                # the inputs that do.
+                active = a[ds.ne(0).any(dim=-1).any(dim=0)]
                 for c in range(r):
-                    block.accumulate(a, ds[c], with_a=c == 0)
+                    block.accumulate(active, ds[c], with_a=c == 0)
                 continue
             a_rot = a.to(torch.float64) @ block.qa.to(a.device)
             d_rot = ds.to(torch.float64) @ block.qs.to(ds.device)

@@ -91,43 +91,52 @@ def test_a_single_linear_layer_with_squared_error_is_exact_for_any_number_of_exa
         assert rel(ekfac.influence(test), expected) < 1e-10
 
 
-def test_a_transformers_classifier_layer_with_one_hessian_example_equals_the_exact_gauss_newton_influence():
-    """Tiny BERT with dict encodings, only its classifier Linear selected (one position per example)
-    and one Hessian example: G = J^T Lambda J is a Kronecker product, so EK-FAC and K-FAC are exact,
-    with cross-entropy and with task="text_classification" alike (the same training loss)."""
-    model = tiny_bert().double()
+def tiny_gpt2_classifier():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2, pad_token_id=0, num_labels=3
+    )
+    return transformers.GPT2ForSequenceClassification(config).double().eval()
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_a_transformers_classifier_layer_with_one_hessian_example_equals_the_exact_gauss_newton_influence(name):
+    """Dict encodings, only the classifier Linear selected and one Hessian example: G = J^T Lambda J
+    is a Kronecker product, so EK-FAC and K-FAC are exact, with cross-entropy and with
+    task="text_classification" alike. BERT's classifier sees one position per example; GPT-2's
+    head runs at every token and is read at the last one, whose input alone enters A."""
+    model, layer = (tiny_bert().double(), "classifier") if name == "bert" else (tiny_gpt2_classifier(), "score")
     g = torch.Generator().manual_seed(0)
     mask = (torch.arange(8)[None, :] < torch.tensor([4, 8, 6, 7, 5, 8])[:, None]).long()
     encoding = {"input_ids": torch.randint(1, 100, (6, 8), generator=g) * mask, "attention_mask": mask}
     labels = torch.randint(0, 3, (6,), generator=g)
-    names = ["classifier.weight", "classifier.bias"]
+    names = [n for n, _ in model.named_parameters() if n.startswith(layer + ".")]
     fixed = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [fixed[n].numel() for n in names]
 
     def logits(theta, enc):
-        w, b = theta[:-3].reshape(3, -1), theta[-3:]
-        return functional_call(model, {**fixed, names[0]: w, names[1]: b}, (), enc).logits
+        parts = {n: t.reshape(fixed[n].shape) for n, t in zip(names, theta.split(sizes))}
+        return functional_call(model, {**fixed, **parts}, (), enc).logits
 
     def losses(theta, enc, y):
         return F.cross_entropy(logits(theta, enc), y, reduction="none")
 
     theta = torch.cat([fixed[n].reshape(-1) for n in names])
-    first = {k: v[:1] for k, v in encoding.items()}
+    first, rest = {k: v[:1] for k, v in encoding.items()}, {k: v[1:4] for k, v in encoding.items()}
     jac = jacrev(lambda t: logits(t, first)[0])(theta)  # (C, P)
     p = logits(theta, first)[0].softmax(0).detach()
     gn = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
-    train_grads = jacrev(losses)(theta, encoding, labels)
-    test_grads = jacrev(losses)(theta, {k: v[1:4] for k, v in encoding.items()}, labels[1:4])
     m = torch.linalg.inv(gn + 0.1 * torch.eye(len(gn), dtype=gn.dtype))
-    expected = test_grads @ m @ train_grads.T
-    train, one = as_examples((encoding, labels)), as_examples((first, labels[:1]))
-    test = ({k: v[1:4] for k, v in encoding.items()}, labels[1:4])
+    train_grads, test_grads = jacrev(losses)(theta, encoding, labels), jacrev(losses)(theta, rest, labels[1:4])
+    train, one, test = as_examples((encoding, labels)), as_examples((first, labels[:1])), (rest, labels[1:4])
     for correction in (True, False):
         ekfac = ci.EKFACInfluence(
-            model, train, layers=["classifier"], hessian_dataset=one, damping=0.1, eigenvalue_correction=correction
+            model, train, layers=[layer], hessian_dataset=one, damping=0.1, eigenvalue_correction=correction
         )
-        assert rel(ekfac.influence(test), expected) < 1e-10
+        assert rel(ekfac.influence(test), test_grads @ m @ train_grads.T) < 1e-10
     by_task = ci.EKFACInfluence(
-        model, train, layers=["classifier"], hessian_dataset=one, damping=0.1, task="text_classification"
+        model, train, layers=[layer], hessian_dataset=one, damping=0.1, task="text_classification"
     )
     assert rel(by_task.self_influence(), ((train_grads @ m) * train_grads).sum(1)) < 1e-10
 
@@ -210,8 +219,11 @@ def test_conv2d_gets_a_kronecker_block_and_other_layers_the_diagonal_fallback():
     scores = ekfac.influence((x[:3], y[:3]))
     assert scores.shape == (3, 24) and bool(torch.isfinite(scores).all())
     assert [b.path for b in ekfac.blocks.kron] == ["0", "4"] and [b.path for b in ekfac.blocks.diag] == ["2"]
-    # The convolution's A factor is the sum of its unfolded input patches (a 1 appended for the bias).
-    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    # The convolution's A factor is the sum of its unfolded input patches (a 1 appended for the
+    # bias) at the positions with an output gradient: those where some channel passes the ReLU.
+    live = (model[0](x) > 0).any(1).reshape(-1)
+    assert 0 < int((~live).sum()) < len(live)
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)[live]
     patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], 1)
     conv = ekfac.blocks.kron[0]
     cov = conv.qa @ torch.diag(torch.linalg.eigvalsh(patches.T @ patches)) @ conv.qa.T

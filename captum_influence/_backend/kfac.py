@@ -8,7 +8,10 @@ Gauss-Newton probes (``hvp_gauss_newton``). K-FAC (Martens & Grosse 2015; Grosse
 
     A = sum_{b,t} a a^T   (in' x in'),        S = sum_{b,t,probes} d d^T   (out x out)
 
-divided by the number of positions, whose eigenbases are Q_A and Q_S. EK-FAC (George et al.
+divided by the number of positions, whose eigenbases are Q_A and Q_S; A and the count take only
+the positions whose output gradient is nonzero for some probe (``EKFACInfluence`` selects them),
+so that a layer applied at every token but read at one (a sequence classifier's head) gets the
+input of that token, and its block is exact for one example. EK-FAC (George et al.
 2018) keeps the Kronecker eigenbasis and replaces the eigenvalues by the exact diagonal of the
 block in that basis,
 
