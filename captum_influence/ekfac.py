@@ -4,7 +4,8 @@ tau(z, z_i) = grad L_test(z)^T (G_hat + lambda)^{-1} grad L(z_i), with G_hat a b
 approximation of the Gauss-Newton matrix of the training loss summed over the Hessian examples:
 one block per layer,
 
-* Linear and Conv2d (groups 1): eigenvalue-corrected Kronecker factors (``_backend/kfac.py``).
+* Linear, transformers' Conv1D (GPT-2) and Conv2d (groups 1): eigenvalue-corrected Kronecker
+  factors (``_backend/kfac.py``).
   A = sum a a^T of the layer inputs (unfolded patches for convolutions, a 1 appended for the
   bias) at the positions whose output gradient is nonzero for some probe (the others add nothing
   to the block), and S = sum d d^T of the output gradients of the Gauss-Newton probes
@@ -185,8 +186,9 @@ class EKFACInfluence(_CurvatureInfluence):
     # --- blocks ------------------------------------------------------------------------------
 
     def _make_blocks(self) -> tuple[list[KroneckerBlock], list[DiagonalBlock]]:
-        """Kronecker blocks for the Linear and Conv2d layers whose parameters are all selected and
-        computed by the engine's hooks alone (after its check), diagonal blocks for the rest."""
+        """Kronecker blocks for the Linear, Conv1D and Conv2d layers whose parameters are all
+        selected and computed by the engine's hooks alone (after its check), diagonal blocks for
+        the rest."""
         first = to_device(tuple(next(iter(self.hessian_loader))), self.device)
         arg = self._hessian_arg
         self._check_forward(self.objective.train_loss, first, 0, arg)

@@ -237,6 +237,30 @@ def test_conv2d_gets_a_kronecker_block_and_other_layers_the_diagonal_fallback():
     assert torch.allclose(ekfac.blocks.diag[0].diagonal, diagonal, atol=1e-10)
 
 
+def test_transformers_conv1d_gets_the_kronecker_block_of_the_linear_layer_it_transposes():
+    """GPT-2's Conv1D (y = a W + c, W stored (in, out)) gives the scores of nn.Linear with W^T."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    conv1d = nn.Sequential(transformers.pytorch_utils.Conv1D(6, 4), nn.Tanh(), transformers.pytorch_utils.Conv1D(3, 6))
+    linear = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for c, lin in ((conv1d[0], linear[0]), (conv1d[2], linear[2])):
+            lin.weight.copy_(c.weight.T)
+            lin.bias.copy_(c.bias)
+    conv1d, linear = conv1d.double(), linear.double()
+    x, y = torch.randn(20, 5, 4, dtype=torch.float64), torch.randint(0, 3, (20, 5))
+
+    def sequence_ce(out, labels):
+        return F.cross_entropy(out.transpose(1, 2), labels, reduction="none").mean(1)
+
+    train, test = TensorDataset(x, y), (x[:3], y[:3])
+    ours = ci.EKFACInfluence(conv1d, train, loss_fn=sequence_ce, batch_size=8)
+    reference = ci.EKFACInfluence(linear, train, loss_fn=sequence_ce, batch_size=8)
+    assert rel(ours.influence(test), reference.influence(test)) < 1e-10
+    assert [b.path for b in ours.blocks.kron] == ["0", "2"] and ours.blocks.diag == []
+    assert ours.damping_ == pytest.approx(reference.damping_, rel=1e-10)
+
+
 def test_selected_layers_only_and_a_weight_used_outside_its_forward():
     torch.manual_seed(5)
 

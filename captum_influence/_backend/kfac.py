@@ -1,8 +1,8 @@
 """K-FAC and EK-FAC blocks from the layer inputs and output gradients the engine records.
 
-A matrix layer (Linear, or Conv2d seen through its unfolded input patches) applied at positions t
-gives example b the gradient G_b = sum_t d_{b,t} a_{b,t}^T (out x in', a with a 1 appended for
-the bias), and its block of the Gauss-Newton matrix is sum_b vec(G_b) vec(G_b)^T over the
+A matrix layer (Linear, transformers' Conv1D, or Conv2d seen through its unfolded input patches)
+applied at positions t gives example b the gradient G_b = sum_t d_{b,t} a_{b,t}^T (out x in', a
+with a 1 appended for the bias), and its block of the Gauss-Newton matrix is sum_b vec(G_b) vec(G_b)^T over the
 Gauss-Newton probes (``hvp_gauss_newton``). K-FAC (Martens & Grosse 2015; Grosse & Martens
 2016 for convolutions) approximates it by the Kronecker product of
 
@@ -35,11 +35,19 @@ from .hvp import symmetric_eigh
 from .layer_rules import _conv_input
 
 KRONECKER_TYPES = (nn.Linear, nn.Conv2d)
+# transformers' Conv1D (GPT-2's matrix layer), y = a W + c with W stored (in, out), matched by name
+# so that transformers stays optional: a Linear with its weight transposed.
+_WEIGHT_IN_OUT = "transformers.pytorch_utils.Conv1D"
+
+
+def _weight_in_out(module: nn.Module) -> bool:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" == _WEIGHT_IN_OUT
 
 
 def kronecker_unsupported(module: nn.Module) -> Optional[str]:
     """Why ``module`` gets no Kronecker block (None when it does)."""
-    if type(module) not in KRONECKER_TYPES:
+    if type(module) not in KRONECKER_TYPES and not _weight_in_out(module):
         return f"no Kronecker-factored rule for {type(module).__name__}"
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"a grouped convolution (groups={module.groups})"
@@ -49,6 +57,8 @@ def kronecker_unsupported(module: nn.Module) -> Optional[str]:
 def widths(module: nn.Module) -> tuple[int, int]:
     """(in', out) of a block: the input width (patch size for Conv2d, + 1 with a bias) and the output width."""
     weight = cast(torch.Tensor, module.weight)
+    if _weight_in_out(module):
+        return weight.shape[0] + (module.bias is not None), weight.shape[1]
     return weight[0].numel() + (module.bias is not None), weight.shape[0]
 
 
@@ -70,7 +80,7 @@ def layer_factors(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[
 
 def grad_matrix(module: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-example gradients ``{"weight": (B, out, ...), "bias": (B, out)}`` as G (B, out, in')."""
-    weight = grads["weight"]
+    weight = grads["weight"].transpose(1, 2) if _weight_in_out(module) else grads["weight"]
     g = weight.reshape(weight.shape[0], weight.shape[1], -1)
     if module.bias is not None:
         g = torch.cat([g, grads["bias"].reshape(g.shape[0], g.shape[1], 1)], dim=2)
