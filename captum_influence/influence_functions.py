@@ -107,6 +107,8 @@ _COMPLEMENT_EXACT_DIM = 16384
 _COMPLEMENT_PROJECTION_DIM = 4096
 # Gauss-Newton probes per example: exact up to this many output dimensions, else a sketch.
 _MAX_PROBES = 32
+# The loss's Hessians in the model's output by autograd (B x C x C float64) are refused beyond it.
+_AUTOGRAD_HESSIAN_BYTES = 2**31
 # "auto" damping: the top eigenvectors on which each example's curvature is measured.
 _SHARE_DIRECTIONS = 256
 
@@ -257,6 +259,14 @@ class _Objective:
                 hessians = softmax_cross_entropy_hessians(out).to(out.dtype)
                 ignored = labels == loss_fn.ignore_index  # no loss there: no curvature
                 return hessians * (~ignored).to(hessians.dtype)[:, None, None]
+        need = 8 * out.shape[0] * out.shape[1] ** 2
+        if need > _AUTOGRAD_HESSIAN_BYTES:
+            raise ValueError(
+                f"loss_fn: the Gauss-Newton curvature (damping 'auto', EKFACInfluence) needs each example's Hessian "
+                f"of its loss in the model's output, here {out.shape[1]} x {out.shape[1]} (the output flattened) "
+                f"by autograd, {need / 2**30:.1f} GiB for this batch of {out.shape[0]}; use a smaller batch_size, "
+                "or with NaiveInfluenceFunction / ArnoldiInfluenceFunction a float hessian_reg."
+            )
         return output_hessians(out, self.loss_of_output(model, batch, raw))
 
     def identity(self) -> dict:

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 import captum_influence as ci
+from captum_influence import influence_functions
 from captum_influence.tasks import ContrastiveOutput
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "influence_functions.py"
@@ -371,7 +372,7 @@ def test_store_resumes_and_refuses_other_settings(tmp_path):
         ci.ArnoldiInfluenceFunction(model, train, arnoldi_dim=31, store_dir=tmp_path / "s", batch_size=8)
 
 
-def test_auto_damping_sees_the_models_output_in_its_own_shape():
+def test_auto_damping_sees_the_models_output_in_its_own_shape(monkeypatch):
     """Logits (B, T, C) and a per-sequence loss: the Gauss-Newton matrix of the "auto" damping uses
     Lambda_i, the Hessian of example i's loss in its whole output, from torch.func."""
 
@@ -394,6 +395,10 @@ def test_auto_damping_sees_the_models_output_in_its_own_shape():
         c.append(((jac @ vectors) * (lam @ jac @ vectors)).sum(0))
     c = torch.stack(c)
     assert math.isclose(naive.damping_, float((c**2).sum() / c.sum()), rel_tol=1e-8)
+    # Output Hessians too large for memory are refused up front (here 4 x 15 x 15 float64).
+    monkeypatch.setattr(influence_functions, "_AUTOGRAD_HESSIAN_BYTES", 8 * 4 * 15**2 - 1)
+    with pytest.raises(ValueError, match="here 15 x 15 .* batch of 4; use a smaller batch_size"):
+        ci.NaiveInfluenceFunction(model, TensorDataset(x, y), loss_fn=sequence_ce, batch_size=4).self_influence()
 
 
 # --- transformers models ---------------------------------------------------------------------
