@@ -17,6 +17,7 @@ Gaussian sketch U E / sqrt(s) (E a seeded (C, s) normal matrix) keeps the expect
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -46,7 +47,12 @@ def output_hessians(out: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.T
                 )
                 if rows is not None:
                     hess = rows.transpose(0, 1)
-            except RuntimeError:
+            except RuntimeError as err:
+                warnings.warn(
+                    "Gauss-Newton output Hessians: the loss cannot be differentiated with batched gradients "
+                    f"({str(err).splitlines()[0] if str(err) else 'RuntimeError'}); using one backward per output "
+                    f"dimension ({width}), slower, the same Hessians."
+                )
                 for c in range(width):
                     (row,) = torch.autograd.grad(first[:, c].sum(), o, retain_graph=c < width - 1, allow_unused=True)
                     if row is not None:
