@@ -95,7 +95,15 @@ def tiny_gpt2_classifier():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2, pad_token_id=0, num_labels=3
+        vocab_size=100,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        num_labels=3,
     )
     return transformers.GPT2ForSequenceClassification(config).double().eval()
 
