@@ -29,7 +29,7 @@ the same (k, m) alternating so that both see the same machine load.
 The factored layout rounds each layer's k_out k_in down to a product, so its k is at most the one asked
 for: the column ``k made`` says how many features it has.
 
-    python benchmarks/factored_lds.py --cache /tmp/factored_lds    # full size
+    python benchmarks/factored_lds.py --cache /tmp/factored_lds    # full size (ground truth ~11 min, then ~8)
     python benchmarks/factored_lds.py --quick --cache /tmp/fq         # smaller
     python benchmarks/factored_lds.py --smoke                         # tiny sizes, for the test
 """
