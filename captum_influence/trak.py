@@ -122,6 +122,16 @@ def _auto_projection_dim(grad_dim: int) -> Optional[int]:
     return min(max(k, _AUTO_MIN_DIM), _AUTO_PROJECTION_DIM)
 
 
+def _non_finite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows holding a NaN or inf. A row's sum is finite when all its entries are
+    (one pass, no temporaries the size of ``rows``); only rows whose sum is not, from a non-finite
+    entry or from overflow, are checked entry by entry."""
+    suspect = (~torch.isfinite(rows.sum(dim=1))).nonzero().flatten()
+    if len(suspect) == 0:
+        return suspect
+    return suspect[~torch.isfinite(rows[suspect]).all(dim=1)]
+
+
 def _auto_batch_size(model: nn.Module, names: list[str]) -> int:
     """The default batch size: 2^24 floats over the largest module's selected parameter count,
     rounded down to a power of two and clamped to [64, 1024]."""
@@ -454,7 +464,7 @@ class TRAK(GradientFeatureInfluence):
         engine = self._layer_grads
         output = _OutputAndQ(self.task, n, fused=not engine.vmap_names)
         try:
-            phi = engine.project(output, batch, projector)
+            rows = engine.project(output, batch, projector, extra_columns=1)
             q = output.q
             if q is None or engine.coupled:  # the forward couples the examples: Q of each alone
                 parts = [batch] if not engine.coupled else [slice_batch(batch, b, b + 1) for b in range(n)]
@@ -464,8 +474,8 @@ class TRAK(GradientFeatureInfluence):
             self._task_failed(failure.__cause__, start, n, index, arg)
         except (IndexError, RuntimeError) as err:  # a batch the model cannot take
             self._task_failed(err, start, n, index, arg)
-        rows = torch.cat([phi, q.reshape(-1, 1).to(phi)], dim=1)
-        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()
+        rows[:, -1] = q.reshape(-1).to(rows)
+        bad = _non_finite_rows(rows)
         if len(bad):
             indices = (bad + start).tolist()
             raise ValueError(

@@ -106,3 +106,14 @@ def test_default_batch_size_from_the_model_and_same_scores(setup):
     small = ci.TRAK(model, train_set, states[:1], projection_dim=32, batch_size=7).influence(targets)
     scores = trak.influence(targets)
     assert torch.allclose(small, scores, rtol=1e-5, atol=1e-6 * float(scores.abs().max()))
+
+
+def test_non_finite_rows_are_found_exactly_also_where_a_row_sum_overflows():
+    rows = torch.randn(6, 5)
+    rows[1, 2] = float("nan")
+    rows[3] = 3e38  # finite entries whose sum overflows float32
+    rows[4, 0], rows[4, 1] = float("inf"), float("-inf")  # a sum of NaN
+    rows[5, 4] = float("-inf")
+    expected = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten()
+    assert trak_module._non_finite_rows(rows).tolist() == expected.tolist() == [1, 4, 5]
+    assert trak_module._non_finite_rows(torch.randn(4, 3)).tolist() == []

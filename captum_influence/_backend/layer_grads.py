@@ -670,18 +670,21 @@ class LayerGrads:
         projector: Union[Projector, FactoredProjector],
         *,
         chunk_size: Optional[int] = None,
+        extra_columns: int = 0,
     ) -> torch.Tensor:
         """``projector.project(grads(fn, inputs))`` without the (B, P) matrix: each layer's
         (B, |theta|) gradient is projected as it is produced. Returns (B, projection_dim), float32
-        or the projector's wider dtype. A ``FactoredProjector`` gets its layers' inputs and output
-        gradients instead, and those layers' (B, |theta|) gradients are never formed."""
+        or the projector's wider dtype, followed by ``extra_columns`` zero columns for the caller
+        to fill (so that a row and its extras are one array without a copy). A
+        ``FactoredProjector`` gets its layers' inputs and output gradients instead, and those
+        layers' (B, |theta|) gradients are never formed."""
         self._check_projector(projector)
         factored = projector if isinstance(projector, FactoredProjector) else None
         dtype = projector.dtype if projector.dtype in (torch.float32, torch.float64) else torch.float32
-        n = batch_size_of(_as_tuple(inputs))
-        out = torch.zeros(n, projector.projection_dim, dtype=dtype, device=projector.device)
+        n, k = batch_size_of(_as_tuple(inputs)), projector.projection_dim
+        out = torch.zeros(n, k + extra_columns, dtype=dtype, device=projector.device)
         for start, chunk in self._chunks(inputs, chunk_size):
-            rows = out[start : start + batch_size_of(chunk)]
+            rows = out[start : start + batch_size_of(chunk), :k]
             if factored is not None:
                 self._chunk(
                     fn,
