@@ -209,8 +209,12 @@ class FactoredProjector:
             if bias:
                 pa = pa + p_in[width]
             pd = d.reshape(batch, -1, d.shape[-1]) @ p_out
-        phi = torch.bmm(pd.transpose(1, 2), pa).reshape(batch, -1)
-        out[:, layer.offset : layer.offset + layer.width] += phi.to(out.dtype)
+        columns = out[:, layer.offset : layer.offset + layer.width]
+        if pd.shape[1] == 1 and columns.dtype == pd.dtype:
+            # one position: the outer product added in place, one elementwise pass with no temporary
+            columns.view(batch, layer.k_out, layer.k_in).addcmul_(pd.transpose(1, 2), pa)
+        else:
+            columns += torch.bmm(pd.transpose(1, 2), pa).reshape(batch, -1).to(out.dtype)
         return out
 
     def project_param(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
