@@ -401,3 +401,24 @@ def tiny_bert(seed: int = 0) -> nn.Module:
         num_labels=3,
     )
     return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2_classifier(vocab_size: int = 100, seed: int = 0) -> nn.Module:
+    """A transformers GPT2ForSequenceClassification from a small config (width 32, 2 layers, 3
+    labels, token 0 as its pad, begin and end), random weights, in eval mode; skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        num_labels=3,
+    )
+    return transformers.GPT2ForSequenceClassification(config).eval()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import as_examples, flat_params, tiny_bert, unflat
+from helpers import as_examples, flat_params, tiny_bert, tiny_gpt2_classifier, unflat
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import TensorDataset
@@ -91,30 +91,14 @@ def test_a_single_linear_layer_with_squared_error_is_exact_for_any_number_of_exa
         assert rel(ekfac.influence(test), expected) < 1e-10
 
 
-def tiny_gpt2_classifier():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=100,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        num_labels=3,
-    )
-    return transformers.GPT2ForSequenceClassification(config).double().eval()
-
-
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_a_transformers_classifier_layer_with_one_hessian_example_equals_the_exact_gauss_newton_influence(name):
     """Dict encodings, only the classifier Linear selected and one Hessian example: G = J^T Lambda J
     is a Kronecker product, so EK-FAC and K-FAC are exact, with cross-entropy and with
     task="text_classification" alike. BERT's classifier sees one position per example; GPT-2's
     head runs at every token and is read at the last one, whose input alone enters A."""
-    model, layer = (tiny_bert().double(), "classifier") if name == "bert" else (tiny_gpt2_classifier(), "score")
+    model, layer = (tiny_bert(), "classifier") if name == "bert" else (tiny_gpt2_classifier(), "score")
+    model = model.double()
     g = torch.Generator().manual_seed(0)
     mask = (torch.arange(8)[None, :] < torch.tensor([4, 8, 6, 7, 5, 8])[:, None]).long()
     encoding = {"input_ids": torch.randint(1, 100, (6, 8), generator=g) * mask, "attention_mask": mask}

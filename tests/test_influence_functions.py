@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import as_examples, flat_params, tiny_bert, unflat, user_warnings
+from helpers import as_examples, flat_params, tiny_bert, tiny_gpt2_classifier, unflat, user_warnings
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
@@ -416,28 +416,10 @@ def encodings(n, seed, token_types=True):
     return encoding, torch.randint(0, 3, (n,), generator=g)
 
 
-def tiny_gpt2_classifier():
-    """A transformers GPT2ForSequenceClassification from a small config, random weights, float64."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        num_labels=3,
-    )
-    return transformers.GPT2ForSequenceClassification(config).double().eval()
-
-
 # Model, data with or without token types, the selected layers (a LayerNorm and the classifier).
 TRANSFORMERS = {
     "bert": (lambda: tiny_bert().double(), True, ["bert.encoder.layer.1.output.LayerNorm", "classifier"]),
-    "gpt2": (tiny_gpt2_classifier, False, ["transformer.ln_f", "score"]),
+    "gpt2": (lambda: tiny_gpt2_classifier(vocab_size=64).double(), False, ["transformer.ln_f", "score"]),
 }
 
 
