@@ -136,26 +136,17 @@ def _quiet():
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def captum_naive(p: Problem, **kwargs):
+def captum_scores(p: Problem, method: str, **kwargs):
+    """Captum's ``NaiveInfluenceFunction`` or ``ArnoldiInfluenceFunction`` (``method``), the whole
+    training set as one batch: their scores of the targets."""
     from captum.influence import NaiveInfluenceFunction
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction  # not exported in 0.9
 
+    cls = {"naive": NaiveInfluenceFunction, "arnoldi": ArnoldiInfluenceFunction}[method]
     with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        method = NaiveInfluenceFunction(
-            p.model().requires_grad_(True), p.train_set, p.path, loss_fn=CE, batch_size=p.n, **kwargs
-        )
-        return method.influence(p.targets)
-
-
-def captum_arnoldi(p: Problem, **kwargs):
-    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
-
-    with _quiet(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        method = ArnoldiInfluenceFunction(
-            p.model().requires_grad_(True), p.train_set, p.path, loss_fn=CE, batch_size=p.n, **kwargs
-        )
-        return method.influence(p.targets)
+        influence = cls(p.model().requires_grad_(True), p.train_set, p.path, loss_fn=CE, batch_size=p.n, **kwargs)
+        return influence.influence(p.targets)
 
 
 def kronfluence_runs(p: Problem, strategy: str, dampings: list) -> dict:
@@ -388,11 +379,10 @@ def run_setup(setup: Setup, args, sweeps: dict) -> dict:
                 measure("naive", lambda: ours_naive(p))
                 measure("exact", lambda: exact_damped(p, 0.01))
             if setup.hidden <= 64 and not args.quick:  # Captum's explicit Hessian: 2,410 parameters, not 9,610
-                measure("captum naive", lambda: captum_naive(p), setting=50)
+                measure("captum naive", lambda: captum_scores(p, "naive"), setting=50)
             for k in sweeps["captum_k"]:
-                measure(
-                    "captum arnoldi", lambda: captum_arnoldi(p, projection_dim=k, arnoldi_dim=sweeps["arnoldi_dim"]), k
-                )
+                settings = {"projection_dim": k, "arnoldi_dim": sweeps["arnoldi_dim"]}
+                measure("captum arnoldi", lambda: captum_scores(p, "arnoldi", **settings), k)
             for strategy, key in (("ekfac", "kron ekfac"), ("kfac", "kron kfac")) if HAVE["kronfluence"] else ():
                 repeats = args.repeats if strategy == "ekfac" else 1
                 best_runs = None
