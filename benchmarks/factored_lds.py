@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lds import digits, ground_truth, mlp, train
+from lds import digits, ground_truth, mlp, retrained_on_halves, train
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -194,14 +194,11 @@ def accuracy(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> float
 
 def text_ground_truth(xtr, ytr, xte, yte, n_subsets: int, epochs: int):
     """As ``lds.ground_truth``: masks (m, n_train) of random halves, target margins (m, n_targets)."""
-    rng = np.random.default_rng(1)
-    masks = np.zeros((n_subsets, len(ytr)), dtype=bool)
-    outputs = np.zeros((n_subsets, len(yte)))
-    for j in range(n_subsets):
-        masks[j, rng.choice(len(ytr), len(ytr) // 2, replace=False)] = True
-        idx = torch.from_numpy(np.flatnonzero(masks[j]))
-        outputs[j] = text_margins(train_text(xtr[idx], ytr[idx], seed=1000 + j, epochs=epochs), xte, yte).numpy()
-    return masks, outputs
+
+    def target_margins(idx: torch.Tensor, seed: int) -> torch.Tensor:
+        return text_margins(train_text(xtr[idx], ytr[idx], seed=seed, epochs=epochs), xte, yte)
+
+    return retrained_on_halves(len(ytr), n_subsets, target_margins)
 
 
 def text_setup(sizes: tuple[int, int, int], cache: Optional[str], n_models: int, epochs: int) -> Setup:

@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lds import digits, ground_truth, mlp, train  # noqa: E402  (benchmarks/lds.py's data, model and recipe)
+from lds import digits, ground_truth, kronfluence_task, mlp, train  # noqa: E402  (benchmarks/lds.py's data, model and recipe)
 
 import captum_influence as ci  # noqa: E402
 
@@ -155,28 +155,15 @@ def kronfluence_runs(p: Problem, strategy: str, dampings: list) -> dict:
     true Fisher when asked), the margin as measurement (scores negated: positive helps)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(logits.softmax(-1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return margins_differentiable(model(x), y).sum()
 
     out = {}
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as directory, _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        model = prepare_model(p.model(), Classification())
-        analyzer = Analyzer("bench", model, Classification(), cpu=True, disable_tqdm=True, output_dir=directory)
+        task = kronfluence_task()
+        model = prepare_model(p.model(), task)
+        analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=directory)
         analyzer.fit_all_factors(
             "factors",
             p.train_set,
@@ -201,11 +188,6 @@ def kronfluence_runs(p: Problem, strategy: str, dampings: list) -> dict:
             out[damping] = (scores, fitted + time.perf_counter() - start)
     logging.disable(logging.NOTSET)
     return out
-
-
-def margins_differentiable(logits, y):
-    correct = logits.gather(1, y[:, None])[:, 0]
-    return correct - logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
 
 
 def _dattri_task(p: Problem):

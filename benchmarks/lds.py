@@ -70,23 +70,57 @@ def train(x, y, seed: int, on_epoch=None, hidden: int = HIDDEN, epochs: int = EP
     return model.eval()
 
 
-def margins(model: nn.Module, x, y) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(x)
+def margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TRAK's margin g_y - logsumexp_{j != y} g_j of each row, differentiable."""
     correct = logits.gather(1, y[:, None])[:, 0]
     return correct - logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
 
 
+def margins(model: nn.Module, x, y) -> torch.Tensor:
+    with torch.no_grad():
+        return margin_of(model(x), y)
+
+
+def kronfluence_task():
+    """kronfluence's Task for these classifiers: summed cross-entropy (labels sampled from the model
+    when it asks, for its true Fisher) and the summed margin as measurement."""
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(logits.softmax(-1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return margin_of(model(x), y).sum()
+
+    return Classification()
+
+
 def ground_truth(xtr, ytr, xte, yte, n_subsets: int, hidden: int = HIDDEN, epochs: int = EPOCHS):
     """Masks (m, n_train) of random halves and the target margins (m, n_targets) of models trained on them."""
+    return retrained_on_halves(
+        len(ytr),
+        n_subsets,
+        lambda idx, seed: margins(train(xtr[idx], ytr[idx], seed=seed, hidden=hidden, epochs=epochs), xte, yte),
+    )
+
+
+def retrained_on_halves(n_train: int, n_subsets: int, target_outputs):
+    """LDS ground truth: masks (m, n_train) of seeded random halves S_j, and the outputs (m, n_targets)
+    that ``target_outputs(indices of S_j, seed 1000 + j)`` gives for a model retrained on each."""
     rng = np.random.default_rng(1)
-    masks = np.zeros((n_subsets, len(ytr)), dtype=bool)
-    outputs = np.zeros((n_subsets, len(yte)))
+    masks = np.zeros((n_subsets, n_train), dtype=bool)
+    rows = []
     for j in range(n_subsets):
-        masks[j, rng.choice(len(ytr), len(ytr) // 2, replace=False)] = True
-        idx = torch.from_numpy(np.flatnonzero(masks[j]))
-        outputs[j] = margins(train(xtr[idx], ytr[idx], seed=1000 + j, hidden=hidden, epochs=epochs), xte, yte).numpy()
-    return masks, outputs
+        masks[j, rng.choice(n_train, n_train // 2, replace=False)] = True
+        rows.append(np.asarray(target_outputs(torch.from_numpy(np.flatnonzero(masks[j])), 1000 + j)))
+    return masks, np.stack(rows).astype(np.float64)
 
 
 def run_ours(model, states, train_set, targets):

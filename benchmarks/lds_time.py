@@ -44,7 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lds import EPOCHS, TRACIN_CHECKPOINTS, digits, ground_truth, mlp, run_tracin, run_traker, train
+from lds import (
+    EPOCHS,
+    TRACIN_CHECKPOINTS,
+    digits,
+    ground_truth,
+    kronfluence_task,
+    margin_of,
+    mlp,
+    run_tracin,
+    run_traker,
+    train,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,11 +80,6 @@ class Config:
 # --- peers -------------------------------------------------------------------------------------
 
 
-def _margin_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    correct = logits.gather(1, y[:, None])[:, 0]
-    return correct - logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
-
-
 def run_dattri_trak(model, states, train_set, targets, proj_dim: Optional[int]):
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
@@ -81,7 +87,7 @@ def run_dattri_trak(model, states, train_set, targets, proj_dim: Optional[int]):
     def margin(params, pair):  # dattri's TRAK target: log(p / (1 - p)) of one example
         x, y = pair
         logits = torch.func.functional_call(model, params, x.unsqueeze(0))
-        return _margin_of(logits, y.unsqueeze(0))[0]
+        return margin_of(logits, y.unsqueeze(0))[0]
 
     def probability(params, pair):
         x, y = pair
@@ -131,24 +137,10 @@ def _as_test_by_train(scores: torch.Tensor, n_test: int) -> torch.Tensor:
 def run_kronfluence(model, state, train_set, targets, damping: Optional[float]):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(logits.softmax(1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return _margin_of(model(x), y).sum()
 
     net = copy.deepcopy(model)
     net.load_state_dict(state)
-    task = Classification()
+    task = kronfluence_task()
     net = prepare_model(net.eval(), task)
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer("lds", net, task, cpu=True, disable_tqdm=True, output_dir=out, log_level=logging.ERROR)
@@ -188,7 +180,7 @@ def run_captum_arnoldi(model, state, train_set, targets, projection_dim: int):
             return 1.0
 
         def test_loss(logits, y):  # the target's output as a loss: minus its margin, one per example
-            return -_margin_of(logits, y)
+            return -margin_of(logits, y)
 
         arnoldi = ArnoldiInfluenceFunction(
             net,
