@@ -60,8 +60,9 @@ from ._backend.kfac import DiagonalBlock, KroneckerBlock, grad_matrix, kronecker
 from ._backend.layer_calls import record_calls
 from ._checkpoints import LoadFunc
 from ._data import to_device
-from .influence_functions import LossFn, _check_reg, _check_seed, _CurvatureInfluence
+from .influence_functions import LossFn, _check_reg, _CurvatureInfluence
 from .tracin import _check_flag
+from .trak import _check_seed
 
 # Per-example eigenbasis gradients (B x out x in' floats) materialised at a time for layers seen at
 # several positions; fewer examples per step beyond it.

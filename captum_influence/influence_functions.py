@@ -96,7 +96,7 @@ from ._influence import GradientFeatureInfluence, check_scores, keeps_model_stat
 from ._progress import progress
 from .tasks import ClassificationOutput, ModelOutput, get_task
 from .tracin import _check_flag, _check_loss_fn, _example_losses
-from .trak import _checkpoint_identity, _task_identity
+from .trak import _check_seed, _checkpoint_identity, _task_identity
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Task losses that are cross-entropy of logits / temperature (closed-form output Hessians).
@@ -303,12 +303,6 @@ def _check_tol(value: Any, arg: str) -> Union[float, str]:
 
 def _check_count(value: Any, arg: str) -> Optional[int]:
     return None if value is None else _check_positive(value, arg, " or None")
-
-
-def _check_seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"seed: expected a non-negative int; got {value!r}.")
-    return value
 
 
 def _check_positive(value: Any, arg: str, alternative: str = "") -> int:

@@ -122,6 +122,13 @@ def _auto_projection_dim(grad_dim: int) -> Optional[int]:
     return min(max(k, _AUTO_MIN_DIM), _AUTO_PROJECTION_DIM)
 
 
+def _check_seed(value: Any) -> int:
+    """``seed`` as given when it is a non-negative int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"seed: expected a non-negative int; got {value!r}.")
+    return value
+
+
 def _non_finite_rows(rows: torch.Tensor) -> torch.Tensor:
     """Indices of the rows holding a NaN or inf. A row's sum is finite when all its entries are
     (one pass, no temporaries the size of ``rows``); only rows whose sum is not, from a non-finite
@@ -317,9 +324,7 @@ class TRAK(GradientFeatureInfluence):
             raise ValueError(f"projection: expected one of {_PROJECTIONS}; got {projection!r}.")
         self.projection = projection
         grad_dim = sum(math.prod(s) for s in self.param_shapes.values())
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int; got {seed!r}.")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.projection_dim = self._asked_dim = self._check_projection_dim(projection_dim, grad_dim, damping)
         if projection == "factored" and self.projection_dim is not None:
             self.projection_dim = self._factored(0).projection_dim  # the k made: products per layer
